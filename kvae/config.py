@@ -1,0 +1,180 @@
+"""One frozen dataclass describes a training run; CLI flags are derived from it.
+
+Precedence: dataclass defaults < `--config FILE` (JSON) < command-line flags.
+Unknown keys and wrong types are errors (`ConfigError`), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+
+from kvae.errors import KVAEError
+
+ARCHS = ("conv", "mlp")
+LIKELIHOODS = ("bernoulli", "gaussian")
+BINARIZE = ("auto", "dynamic", "static", "none")
+
+
+class ConfigError(KVAEError):
+    """A configuration value or file is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run (saved as `config.json` in the run folder)."""
+
+    # Data
+    dataset: str = "mnist-5k"  # mnist-5k (embedded), a TFDS name, an image folder or an .npz file
+    data_dir: str | None = None  # TFDS data directory (pre-downloaded data lives here)
+    val_size: int = 500  # held-out examples (a fixed split; never trained on)
+    binarize: str = "auto"  # dynamic | static | none; auto = dynamic for bernoulli, none for gaussian
+    # Model
+    arch: str = "conv"  # conv (Conv2D / Conv2DTranspose) or mlp
+    latent_dim: int = 32  # size of z
+    hidden: int = 256  # width of the dense layer(s) next to z
+    likelihood: str = "bernoulli"  # P(X|z): bernoulli on pixels or gaussian with fixed sigma
+    sigma: float = 0.1  # standard deviation of the gaussian likelihood (ignored for bernoulli)
+    beta: float = 1.0  # weight of the KL term D[Q(z|X) || P(z)]
+    kl_warmup: int = 0  # epochs over which beta ramps linearly from beta/kl_warmup up to beta
+    # Optimisation
+    epochs: int = 30  # passes over the training split
+    batch_size: int = 128  # examples per gradient step
+    lr: float = 1e-3  # Adam learning rate (peak of the cosine schedule)
+    lr_schedule: str = "cosine"  # cosine (decay to 10% over the run) or constant
+    seed: int = 0  # seeds weights, shuffling, binarization and eps: same seed -> same run on CPU
+    jit: bool = True  # XLA-compile the train step
+    mixed_precision: bool = False  # float16 compute on GPU (posterior, KL and likelihood stay float32)
+    # Output
+    out: str = "runs/quickstart"  # run folder
+    eval_k: int = 100  # importance samples for the end-of-training NLL estimate (0 = skip)
+
+    def __post_init__(self):
+        check = [
+            (self.latent_dim >= 1, "--latent-dim must be a positive integer"),
+            (self.hidden >= 1, "--hidden must be a positive integer"),
+            (self.epochs >= 1, "--epochs must be a positive integer"),
+            (self.batch_size >= 1, "--batch-size must be a positive integer"),
+            (self.val_size >= 1, "--val-size must be a positive integer"),
+            (self.kl_warmup >= 0, "--kl-warmup must be >= 0"),
+            (self.eval_k >= 0, "--eval-k must be >= 0"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.sigma > 0, "--sigma must be > 0"),
+            (self.beta >= 0, "--beta must be >= 0"),
+            (self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
+            (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {', '.join(LIKELIHOODS)}"),
+            (self.binarize in BINARIZE, f"--binarize must be one of {', '.join(BINARIZE)}"),
+            (self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant"),
+            (not (self.likelihood == "bernoulli" and self.binarize == "none"),
+             "--likelihood bernoulli needs binary pixels: use --binarize dynamic or static"),
+        ]
+        for ok, message in check:
+            if not ok:
+                raise ConfigError(f"{message} (got {self._value_for(message)})")
+
+    def _value_for(self, message: str) -> str:
+        name = message.split()[0].lstrip("-").replace("-", "_")
+        return repr(getattr(self, name, None))
+
+    @property
+    def resolved_binarize(self) -> str:
+        """The binarization actually used (resolves `auto`)."""
+        if self.binarize != "auto":
+            return self.binarize
+        return "dynamic" if self.likelihood == "bernoulli" else "none"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        from kvae.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        return cls(**_checked(values))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Config":
+        try:
+            values = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(values)
+
+
+def _types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    out = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[name] = args[0] if args else hint
+    return out
+
+
+def _checked(values: dict) -> dict:
+    """Rejects unknown keys and values of the wrong type."""
+    types = _types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    for key, value in values.items():
+        want = types[key]
+        if value is None and key == "data_dir":
+            continue
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"config key {key!r} must be {want.__name__}, got {value!r}")
+    return {k: float(v) if types[k] is float else v for k, v in values.items()}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _help_lines() -> dict[str, str]:
+    """Reads the one-line comment after each field in this file: the flag's --help text."""
+    import inspect
+
+    helps = {}
+    for line in inspect.getsource(Config).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and "=" in line:
+            name = line.split(":", 1)[0].strip()
+            helps[name] = line.split("#", 1)[1].strip()
+    return helps
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per Config field; unset flags stay None so a config file can fill them."""
+    helps = _help_lines()
+    defaults = Config()
+    for name, kind in _types().items():
+        default = getattr(defaults, name)
+        text = f"{helps.get(name, '')} (default: {default})"
+        if kind is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=text)
+        else:
+            parser.add_argument(_flag(name), dest=name, type=kind, default=None, help=text,
+                                metavar=name.upper())
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """defaults < base (a config file or a resumed run) < flags given on the command line."""
+    values = (base or Config()).to_dict()
+    for name in _types():
+        flag_value = getattr(args, name, None)
+        if flag_value is not None:
+            values[name] = flag_value
+    return Config.from_dict(values)

@@ -1,0 +1,182 @@
+"""python -m kvae.evaluate RUN [--dataset NAME] [--split val|test] [--k 5000] [--n N]
+
+Held-out negative ELBO (reconstruction + KL) and the importance-weighted estimate of -log P(X)
+(Burda, Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders", eq. 8):
+
+    log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i ~ Q(z|X)
+
+computed with log-sum-exp in chunks (memory stays bounded for k = 5000). Binarized data is
+binarized once with a fixed seed (kvae.data.EVAL_SEED) so numbers compare across runs. Results
+are merged into RUN/metrics.json under "eval".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kvae.errors import KVAEError, cli_errors
+from kvae.files import atomic_write_text
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
+             budget: int = 1 << 23, progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-example importance-weighted -log P(X) and single-sample ELBO parts, in nats.
+
+    Args:
+      vae: a kvae.model.VAE.
+      x: (N, H, W, C) float32 in [0, 1], already binarized for a Bernoulli likelihood.
+      k: importance samples per example.
+      seed: seeds eps (stateless: the same seed gives the same estimate).
+      batch_size: examples per encoder call.
+      budget: at most this many decoded pixels are held at once (chunks of samples).
+
+    Returns:
+      dict of (N,) arrays: `nll` (IWAE), `reconstruction` (mean over the k samples of
+      -log P(X|z)), `kl` (analytic KL[Q(z|X) || P(z)]).
+    """
+    import tensorflow as tf
+
+    from kvae.model import reconstruction_nll
+
+    pixels = int(np.prod(x.shape[1:]))
+    batch_size = max(1, min(batch_size, len(x)))
+    chunk = max(1, min(k, budget // (batch_size * pixels)))
+
+    @tf.function(reduce_retracing=True)
+    def log_weights(xb, loc, scale, s, batch_seed):  # -> (s, B) log w, (s, B) log P(X|z)
+        eps = tf.random.stateless_normal(tf.concat([[s], tf.shape(loc)], 0), seed=batch_seed)
+        z = loc + scale * eps  # (s, B, D)
+        log_q = tf.reduce_sum(-0.5 * tf.square(eps) - tf.math.log(scale) - 0.5 * LOG_2PI, -1)
+        log_prior = tf.reduce_sum(-0.5 * tf.square(z) - 0.5 * LOG_2PI, -1)
+        b = tf.shape(loc)[0]
+        logits = vae.decoder_net(tf.reshape(z, (-1, loc.shape[-1])))
+        x_rep = tf.reshape(tf.broadcast_to(xb, tf.concat([[s], tf.shape(xb)], 0)), tf.shape(logits))
+        log_px = -tf.reshape(reconstruction_nll(x_rep, logits, vae.likelihood, vae.sigma), (s, b))
+        return log_px + log_prior - log_q, log_px
+
+    out = {"nll": [], "reconstruction": [], "kl": []}
+    batches = range(0, len(x), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"IWAE k={k}", unit="batch", leave=False)
+    for b_index, start in enumerate(batches):
+        xb = tf.constant(x[start:start + batch_size], tf.float32)
+        loc, scale = vae.encoder(xb)
+        loc, scale = tf.cast(loc, tf.float32), tf.cast(scale, tf.float32)
+        lse = tf.fill(tf.shape(loc)[:1], -np.inf)
+        rec = tf.zeros(tf.shape(loc)[:1])
+        for c_index, c_start in enumerate(range(0, k, chunk)):
+            s = min(chunk, k - c_start)
+            log_w, log_px = log_weights(xb, loc, scale, tf.constant(s),
+                                        tf.constant([seed, b_index * 1_000_003 + c_index]))
+            lse = tf.reduce_logsumexp(tf.stack([lse, tf.reduce_logsumexp(log_w, 0)]), 0)
+            rec += -tf.reduce_sum(log_px, 0)
+        out["nll"].append(-(lse - math.log(k)).numpy())
+        out["reconstruction"].append((rec / k).numpy())
+        kl = 0.5 * tf.reduce_sum(tf.square(loc) + tf.square(scale) - 1 - 2 * tf.math.log(scale), -1)
+        out["kl"].append(kl.numpy())
+    return {name: np.concatenate(parts).astype(np.float64) for name, parts in out.items()}
+
+
+def summarize(per_example: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means and standard errors (std / sqrt(n)) of the per-example numbers."""
+    n = len(per_example["nll"])
+    neg_elbo = per_example["reconstruction"] + per_example["kl"]
+    result = {}
+    for name, values in (("nll", per_example["nll"]), ("neg_elbo", neg_elbo),
+                         ("reconstruction", per_example["reconstruction"]),
+                         ("kl", per_example["kl"])):
+        result[name] = float(values.mean())
+        result[name + "_se"] = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return result
+
+
+def evaluate(vae, x: np.ndarray, binarize: str, k: int = 1000, n: int | None = None,
+             seed: int = 0, split: str = "val", dataset: str = "", labels=None,
+             progress: bool = False) -> dict:
+    """NLL (IWAE, k samples) and negative ELBO on held-out images `x` (uint8 or [0, 1] floats)."""
+    from kvae.data import EVAL_SEED, binarize_fixed
+
+    x = x[:n] if n else x
+    xb = binarize_fixed(x, binarize)
+    result = summarize(iwae_nll(vae, xb, k, seed=seed, progress=progress))
+    return {**result, "k": k, "n": int(len(x)), "seed": seed, "binarize": binarize,
+            "binarize_seed": EVAL_SEED if binarize == "dynamic" else None,
+            "dataset": dataset, "split": split}
+
+
+def format_table(result: dict) -> str:
+    rows = [("-log P(X) (IWAE)", "nll"), ("negative ELBO", "neg_elbo"),
+            ("  reconstruction", "reconstruction"), ("  KL", "kl")]
+    lines = [f"{result['dataset']} {result['split']}: n={result['n']}, k={result['k']} (nats)"]
+    lines += [f"  {label:<18} {result[key]:9.2f} +- {result[key + '_se']:.2f}" for label, key in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvae.evaluate",
+        description="Held-out negative ELBO and importance-sampled -log P(X) of a trained run.")
+    parser.add_argument("run", help="run folder written by python -m kvae.fit")
+    parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
+    parser.add_argument("--split", choices=("val", "test"), default=None,
+                        help="held-out split: val (the run's held-out examples; default) or test "
+                             "(a TFDS dataset's test split)")
+    parser.add_argument("--k", type=int, default=1000, help="importance samples per image (default 1000)")
+    parser.add_argument("--n", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
+    args = parser.parse_args(argv)
+    with cli_errors("kvae.evaluate"):
+        if args.k < 1:
+            raise KVAEError("--k must be a positive integer")
+        if args.n is not None and args.n < 1:
+            raise KVAEError("--n must be a positive integer")
+        run = Path(args.run)
+        from kvae.config import Config
+
+        if not (run / "config.json").exists():
+            raise KVAEError(f"{run} is not a run folder (no config.json); train one with python -m kvae.fit")
+        if not (run / "vae.keras").exists():
+            raise KVAEError(f"{run} has no vae.keras: its training has not finished "
+                            "(continue it with python -m kvae.fit --resume --out RUN)")
+        config = Config.from_json(run / "config.json")
+        from kvae import data as kdata
+
+        name = args.dataset or config.dataset
+        split = args.split or "val"
+        data = kdata.load(name, config.data_dir, config.val_size, split="test" if split == "test" else "train")
+        from kvae.model import load_vae
+
+        vae = _load(run / "vae.keras", load_vae)
+        if data.image_shape != vae.image_shape:
+            raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}")
+        result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
+                          seed=args.seed, split=split, dataset=name, labels=data.y_val, progress=True)
+        print(format_table(result))
+        merge_metrics(run, {"eval": result})
+
+
+def _load(path: Path, loader):
+    try:
+        return loader(path)
+    except Exception as e:  # a truncated or corrupt .keras file
+        raise KVAEError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def merge_metrics(run: Path, values: dict) -> None:
+    """Merges `values` into RUN/metrics.json (atomically)."""
+    path = Path(run) / "metrics.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_text(path, json.dumps({**current, **values}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

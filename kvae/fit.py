@@ -1,0 +1,188 @@
+"""python -m kvae.fit [--dataset mnist-5k] [--out runs/quickstart] [--epochs N] ...
+
+Trains a VAE and writes the run folder:
+  config.json  vae.keras  encoder.keras  decoder.keras  history.csv  metrics.json
+  samples.png  reconstructions.png  logs/ (TensorBoard)  state/ (resume)
+
+The models saved are the best by validation loss. `--resume` continues an interrupted run (even
+one killed with SIGKILL) from its last finished epoch; every epoch appears in history.csv once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kvae.config import Config, ConfigError, add_config_flags, config_from_args
+from kvae.errors import KVAEError, cli_errors
+from kvae.files import atomic_path, atomic_write_text
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvae.fit",
+        description="Train a variational autoencoder (Keras 3, TFP posterior) and write a run folder.",
+        epilog="Precedence: defaults < --config FILE < flags. Example: python -m kvae.fit "
+               "--dataset mnist-5k --out runs/quickstart",
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON file with config values")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last finished epoch "
+                             "(only --epochs may change)")
+    add_config_flags(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Builds the run's config from defaults, --config, a resumed run's config.json and flags."""
+    base = Config.from_json(args.config) if args.config else None
+    if args.resume:
+        out = Path(args.out or (base.out if base else Config().out))
+        saved = out / "config.json"
+        if not saved.exists():
+            raise KVAEError(f"--resume: {out} holds no run (no config.json); start it without --resume")
+        base = Config.from_json(saved)
+        changed = [name for name, value in vars(args).items()
+                   if name in base.to_dict() and value is not None and name not in ("epochs", "out")
+                   and value != getattr(base, name)]
+        if changed:
+            raise ConfigError(f"--resume continues the run as configured; cannot change "
+                              f"{', '.join('--' + c.replace('_', '-') for c in changed)} (only --epochs)")
+    return config_from_args(args, base)
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Fails early (before any training) if the run folder is unusable."""
+    if out.exists() and not out.is_dir():
+        raise KVAEError(f"--out {out} is a file, not a folder")
+    if not resume and (out / "config.json").exists():
+        raise KVAEError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                        "another --out")
+    probe = out if out.exists() else next(p for p in [*out.parents] if p.exists())
+    try:
+        with atomic_path(probe / ".kvae-write-test"):
+            pass
+    except OSError as e:
+        raise KVAEError(f"cannot write to --out {out}: {e.strerror or e}") from None
+
+
+def main(argv=None) -> None:
+    with cli_errors("kvae.fit"):
+        args = parse_args(argv)
+        config = resolve_config(args)
+        out = Path(config.out)
+        check_out(out, args.resume)
+        fit(config, resume=args.resume)
+
+
+def fit(config: Config, resume: bool = False) -> dict:
+    """Trains the VAE that `config` describes and writes its run folder. Returns metrics."""
+    from kvae import data as kdata
+
+    out = Path(config.out)
+    binarize = config.resolved_binarize
+    dataset = kdata.load(config.dataset, config.data_dir, config.val_size)  # fails before any write
+
+    import keras
+    import tensorflow as tf
+
+    from kvae.callbacks import KLWarmup, RunState
+    from kvae.model import build_vae
+
+    print(f"kvae.fit: {config.dataset}: {len(dataset.x_train)} train / {len(dataset.x_val)} "
+          f"held-out images of shape {dataset.image_shape}; binarize={binarize}")
+    print("kvae.fit: config " + json.dumps(config.to_dict()))
+    gpus = tf.config.list_physical_devices("GPU")
+    print(f"kvae.fit: device {'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'CPU'}")
+
+    keras.utils.set_random_seed(config.seed)
+    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_json(out / "config.json")
+
+    vae = build_vae(config, dataset.image_shape)
+    total_steps = kdata.steps_per_epoch(len(dataset.x_train), config.batch_size) * config.epochs
+    lr = config.lr
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.lr, total_steps, alpha=0.1)
+    vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=config.jit)
+    vae.optimizer.build(vae.trainable_variables)
+
+    state = RunState(out, config)
+    initial_epoch = state.restore(vae) if resume else 0
+    if initial_epoch >= config.epochs:
+        print(f"kvae.fit: {out} already finished {initial_epoch} epochs")
+    else:
+        if initial_epoch:
+            print(f"kvae.fit: resuming {out} after epoch {initial_epoch}")
+        train, steps = kdata.train_dataset(dataset.x_train, config.batch_size, binarize,
+                                           config.seed, initial_epoch, config.epochs)
+        val = kdata.eval_dataset(dataset.x_val, 256, binarize)
+        started = time.perf_counter()
+        vae.fit(train, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                validation_data=val, shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
+                callbacks=[KLWarmup(vae.posterior, config.beta, config.kl_warmup), state,
+                           keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False,
+                                                       profile_batch=0)])
+        state.train_seconds += time.perf_counter() - started
+        state.save_progress()
+        if state.nan_epoch is not None:
+            raise KVAEError(f"the loss became NaN or infinite in epoch {state.nan_epoch + 1}; "
+                            f"lower --lr (now {config.lr}) or use --likelihood bernoulli; "
+                            f"--resume continues from the last good epoch")
+    return finish(vae, dataset, config, state)
+
+
+def finish(vae, dataset, config: Config, state) -> dict:
+    """Writes the best models, pictures and metrics into the run folder."""
+    import keras
+    import numpy as np
+
+    from kvae import data as kdata
+    from kvae import plots
+
+    out = Path(config.out)
+    vae.load_weights(state.weights_path(state.best_epoch))
+    for name, model in (("vae", vae), ("encoder", vae.encoder), ("decoder", vae.decoder())):
+        with atomic_path(out / f"{name}.keras") as tmp:
+            keras.saving.save_model(model, tmp)
+
+    z = np.random.default_rng(config.seed).standard_normal((64, vae.latent_dim), np.float32)
+    plots.save_grid(np.asarray(vae.decode(z)), out / "samples.png", cols=8)
+    x = kdata.to_unit(dataset.x_val[:32])
+    loc, _ = vae.encode(x)
+    plots.save_grid(plots.interleave(x, np.asarray(vae.decode(loc))), out / "reconstructions.png",
+                    cols=8)
+    n_train = len(dataset.x_train)
+    steps = n_train // min(config.batch_size, n_train)
+    metrics = {
+        "dataset": config.dataset,
+        "n_train": n_train,
+        "n_val": len(dataset.x_val),
+        "epochs": state.epochs_done,
+        "best_epoch": state.best_epoch + 1,
+        "best_val_loss": state.best_val_loss,
+        "final": state.last_logs,
+        "train_seconds": round(state.train_seconds, 2),
+        "train_samples_per_second": round(
+            state.epochs_trained_here * steps * min(config.batch_size, n_train)
+            / max(state.train_seconds, 1e-9), 1),
+    }
+    if config.eval_k:
+        from kvae.evaluate import evaluate
+
+        metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
+                                   split="val", dataset=config.dataset, labels=dataset.y_val)
+    path = out / "metrics.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_text(path, json.dumps({**previous, **metrics}, indent=2) + "\n")
+    print(f"kvae.fit: best val loss {state.best_val_loss:.2f} nats (epoch {state.best_epoch + 1}); "
+          f"wrote {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

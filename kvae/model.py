@@ -1,0 +1,170 @@
+"""Encoder, decoder, the VAE that joins them, and the likelihoods P(X|z).
+
+    encoder      x (B, H, W, C) in [0, 1]  ->  loc, scale (B, latent_dim), scale > 0
+    Posterior    (loc, scale)  ->  z ~ Q(z|X), adds beta * KL[Q(z|X) || P(z)]   (kvae.layers)
+    decoder_net  z (B, latent_dim)  ->  logits (B, H, W, C)
+    decoder      z  ->  x_mean = sigmoid(logits): Bernoulli probabilities or the Gaussian mean
+
+Loss per batch = mean over X of [-log P(X|z) + beta * KL] = the negative ELBO when beta = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from kvae.config import Config
+from kvae.layers import Posterior
+
+register = keras.saving.register_keras_serializable(package="kvae")
+
+
+def reconstruction_nll(x, logits, likelihood: str = "bernoulli", sigma: float = 0.1):
+    """-log P(X|z) per example, summed over pixels: shape (B,).
+
+    Bernoulli uses logits (`sigmoid_cross_entropy_with_logits`), stable for confident pixels.
+    Gaussian is N(x; sigmoid(logits), sigma^2 I) with sigma a fixed hyperparameter (Doersch 2.1).
+    """
+    logits = tf.cast(logits, tf.float32)
+    x = tf.cast(x, tf.float32)
+    axes = list(range(1, len(logits.shape)))
+    if likelihood == "bernoulli":
+        nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits)
+    elif likelihood == "gaussian":
+        mean = tf.sigmoid(logits)
+        nll = 0.5 * tf.square((x - mean) / sigma) + math.log(sigma) + 0.5 * math.log(2 * math.pi)
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    return tf.reduce_sum(nll, axis=axes)
+
+
+def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256) -> keras.Model:
+    """x (B, H, W, C) -> [loc, scale] (B, latent_dim); scale = softplus(.) > 0."""
+    x = keras.Input(image_shape, name="x")
+    if arch == "conv":
+        h = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+        h = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Flatten()(h)
+    else:
+        h = keras.layers.Flatten()(x)
+        h = keras.layers.Dense(2 * hidden, activation="relu")(h)
+    h = keras.layers.Dense(hidden, activation="relu")(h)
+    loc = keras.layers.Dense(latent_dim, name="loc", dtype="float32")(h)
+    scale = keras.layers.Dense(latent_dim, activation="softplus", name="scale", dtype="float32")(h)
+    return keras.Model(x, [loc, scale], name="encoder")
+
+
+def build_decoder_net(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256) -> keras.Model:
+    """z (B, latent_dim) -> logits (B, H, W, C)."""
+    height, width, channels = image_shape
+    z = keras.Input((latent_dim,), name="z")
+    h = keras.layers.Dense(hidden, activation="relu")(z)
+    if arch == "conv":
+        h4, w4 = math.ceil(height / 4), math.ceil(width / 4)
+        h = keras.layers.Dense(h4 * w4 * 64, activation="relu")(h)
+        h = keras.layers.Reshape((h4, w4, 64))(h)
+        h = keras.layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32")(h)
+        if (4 * h4, 4 * w4) != (height, width):  # sizes not divisible by 4
+            h = keras.layers.Cropping2D(((0, 4 * h4 - height), (0, 4 * w4 - width)))(h)
+        logits = keras.layers.Identity(name="logits", dtype="float32")(h)
+    else:
+        h = keras.layers.Dense(2 * hidden, activation="relu")(h)
+        h = keras.layers.Dense(height * width * channels, dtype="float32")(h)
+        logits = keras.layers.Reshape(image_shape, name="logits", dtype="float32")(h)
+    return keras.Model(z, logits, name="decoder_net")
+
+
+@register
+class VAE(keras.Model):
+    """Encoder + posterior + decoder, trained on the negative ELBO.
+
+    Args:
+      encoder: x -> [loc, scale].
+      decoder_net: z -> logits.
+      likelihood: `bernoulli` or `gaussian`.
+      sigma: the Gaussian likelihood's standard deviation.
+      beta: KL weight (the posterior layer's initial `beta`).
+      seed: seeds the posterior's eps.
+    """
+
+    def __init__(self, encoder, decoder_net, likelihood: str = "bernoulli", sigma: float = 0.1,
+                 beta: float = 1.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = encoder
+        self.decoder_net = decoder_net
+        self.likelihood = likelihood
+        self.sigma = float(sigma)
+        self.beta = float(beta)
+        self.seed = seed
+        self.posterior = Posterior(beta=beta, seed=seed, name="posterior")
+        self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.encoder.outputs[0].shape[-1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.encoder.inputs[0].shape[1:])
+
+    def call(self, x, training=None):
+        loc, scale = self.encoder(x, training=training)
+        z = self.posterior([loc, scale], training=training)
+        return self.decoder_net(z, training=training)  # logits (B, H, W, C)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        target = x if y is None else y
+        rec = tf.reduce_mean(reconstruction_nll(target, y_pred, self.likelihood, self.sigma))
+        self.reconstruction_tracker.update_state(rec)
+        return rec + tf.add_n([tf.cast(loss, tf.float32) for loss in self.losses])
+
+    def encode(self, x):
+        """x (B, H, W, C) in [0, 1] -> (loc, scale) of Q(z|X)."""
+        return self.encoder(x)
+
+    def decode(self, z):
+        """z (B, latent_dim) -> x_mean (B, H, W, C): P(X|z)'s mean."""
+        return tf.sigmoid(tf.cast(self.decoder_net(z), tf.float32))
+
+    def decoder(self) -> keras.Model:
+        """A standalone z -> x_mean model sharing this VAE's weights (for saving and export)."""
+        z = keras.Input((self.latent_dim,), name="z")
+        x_mean = keras.layers.Activation("sigmoid", name="x_mean", dtype="float32")(self.decoder_net(z))
+        return keras.Model(z, x_mean, name="decoder")
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "encoder": keras.saving.serialize_keras_object(self.encoder),
+            "decoder_net": keras.saving.serialize_keras_object(self.decoder_net),
+            "likelihood": self.likelihood,
+            "sigma": self.sigma,
+            "beta": self.beta,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("encoder", "decoder_net"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
+
+
+def build_vae(config: Config, image_shape) -> VAE:
+    """Builds (and calls once, so every weight exists) the VAE that `config` describes."""
+    encoder = build_encoder(image_shape, config.latent_dim, config.arch, config.hidden)
+    decoder_net = build_decoder_net(image_shape, config.latent_dim, config.arch, config.hidden)
+    vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.beta, config.seed,
+              name="vae")
+    vae(tf.zeros((1, *image_shape)))
+    return vae
+
+
+def load_vae(path) -> VAE:
+    """Loads a `.keras` VAE with safe_mode=True (no arbitrary code)."""
+    return keras.saving.load_model(path, safe_mode=True, compile=False)

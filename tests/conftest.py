@@ -1,0 +1,36 @@
+"""Shared fixtures: small trained runs, reused by the model, export, runtime and evaluation tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ARTIFACTS = Path(__file__).parent / "artifacts"  # screenshots and other things worth looking at
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """Returns train(arch="conv", **overrides) -> run folder; each distinct run trains once.
+
+    A few epochs on mnist-5k with a small model: enough for real digits and real parity numbers.
+    """
+    cache: dict = {}
+
+    def train(arch: str = "conv", **overrides) -> Path:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in cache:
+            from kvae.config import Config
+            from kvae.fit import fit
+
+            out = tmp_path_factory.mktemp(f"run-{arch}")
+            values = dict(arch=arch, epochs=2, latent_dim=8, hidden=64, eval_k=10, out=str(out))
+            values.update(overrides)
+            fit(Config(**values))
+            cache[key] = out
+        return cache[key]
+
+    return train
