@@ -1,0 +1,633 @@
+"""TensorFlow-free inference on the exported halves: numpy plus onnxruntime or LiteRT.
+
+    pip install numpy onnxruntime pillow        # or: pip install numpy ai-edge-litert pillow
+
+    from kvae.runtime import VAE
+    vae = VAE.from_folder("runs/quickstart")    # RUN/export/{encoder,decoder}.onnx
+    images = vae.sample(16, seed=0)             # (16, 28, 28, 1) in [0, 1]
+    loc, scale = vae.encode(images)             # (16, latent_dim) each
+
+The format follows the file's extension (`.onnx` -> onnxruntime, `.tflite` -> LiteRT); the
+runtime module is imported only when a file of its format is opened. latent_dim, image shape and
+likelihood come from `manifest.json` beside the file (written by the export scripts), else from
+the ONNX file's metadata, else from the model's input and output shapes.
+
+Sampling draws eps ~ N(0, I) on the host with numpy's Generator and feeds it as z: a seed gives
+the same images in every process, no seed gives new ones. (Random ops inside the exported graph
+replay one sequence per onnxruntime session and cannot take a seed: see the README.)
+
+Nothing here imports TensorFlow, and `import kvae.runtime` imports only numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kvae.errors import KVAEError
+
+LOG_2PI = math.log(2 * math.pi)
+FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+SIGNATURES = {"encoder": (("x",), ("loc", "scale")), "decoder": (("z",), ("x_mean",))}
+# float32 rounds a probability within 2^-25 of 1 to exactly 1.0: clip there (see log_likelihood)
+P_MAX = 1.0 - 2.0 ** -25
+P_MIN = float(np.finfo(np.float32).smallest_subnormal)
+
+
+class RuntimeInputError(ValueError, KVAEError):
+    """A bad input or model file, described in one line (a ValueError and a KVAEError)."""
+
+
+# --------------------------------------------------------------------------- opening files
+
+
+def find_export(path: str | Path) -> Path:
+    """A run folder (holding export/) or an export folder -> the export folder."""
+    path = Path(path)
+    if (path / "export").is_dir():
+        return path / "export"
+    if path.is_dir():
+        return path
+    raise RuntimeInputError(f"no such folder: {path}")
+
+
+def resolve(path: str | Path, half: str, format: str | None = None, precision: str = "fp32") -> Path:
+    """A model file, an export folder or a run folder -> the `half` model file to open.
+
+    In a folder, picks `<half>[.<precision>].onnx`, else the `.tflite` one (or only `format`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    folder = find_export(path)
+    name = half if precision in (None, "", "fp32") else f"{half}.{precision}"
+    formats = [format] if format else ["onnx", "tflite"]
+    for fmt in formats:
+        if (folder / f"{name}.{fmt}").is_file():
+            return folder / f"{name}.{fmt}"
+    wanted = " or ".join(f"{name}.{fmt}" for fmt in formats)
+    raise RuntimeInputError(f"{folder} has no {wanted}; export the run first: "
+                            "python export/to_onnx.py RUN (or export/to_tflite.py RUN)")
+
+
+def read_manifest(path: Path) -> tuple[dict, dict | None]:
+    """manifest.json beside `path` -> (manifest, this file's entry); ({}, None) if there is none."""
+    manifest_path = path.parent / "manifest.json"
+    if not manifest_path.is_file():
+        return {}, None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeInputError(f"cannot read {manifest_path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise RuntimeInputError(f"{manifest_path} is not a kvae manifest (not a JSON object)")
+    entry = (manifest.get("files") or {}).get(path.name)
+    return manifest, entry if isinstance(entry, dict) else None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Session:
+    """One opened model: named float inputs -> named outputs, in chunks of any batch size.
+
+    Args:
+      path: `.onnx` or `.tflite` file.
+      threads: CPU threads for the runtime (None: the runtime's default).
+      xnnpack: TFLite only: use the XNNPACK delegate (faster; off gives the reference kernels).
+      max_batch: rows per call for dynamic-batch models (bounds memory).
+    """
+
+    def __init__(self, path: Path, threads: int | None = None, xnnpack: bool = True,
+                 max_batch: int = 256):
+        self.path = Path(path)
+        self.format = FORMATS.get(self.path.suffix.lower())
+        if self.format is None:
+            raise RuntimeInputError(f"{self.path}: unknown model format {self.path.suffix!r}; "
+                                    "expected a .onnx or .tflite file")
+        if not self.path.is_file():
+            raise RuntimeInputError(f"no such model file: {self.path}")
+        if self.path.stat().st_size == 0:
+            raise RuntimeInputError(f"{self.path} is empty (0 bytes): export it again")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise RuntimeInputError(f"threads must be a positive integer, got {threads!r}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise RuntimeInputError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.max_batch = max_batch
+        if self.format == "onnx":
+            self._open_onnx(threads)
+        else:
+            self._open_tflite(threads, xnnpack)
+
+    # inputs / outputs: name -> (shape with None for dynamic dims, numpy dtype)
+    def _open_onnx(self, threads):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeInputError("reading .onnx files needs onnxruntime: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(self.path), options,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
+            raise RuntimeInputError(f"cannot load {self.path} as an ONNX model (truncated, corrupt or "
+                                    f"not a model?): {_first_line(e)}") from None
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                 "tensor(double)": np.float64, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+        def spec(arg):
+            shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
+            return shape, types.get(arg.type, arg.type)
+
+        self.inputs = {a.name: spec(a) for a in self._session.get_inputs()}
+        self.outputs = {a.name: spec(a) for a in self._session.get_outputs()}
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._quant = {}
+
+    def _open_tflite(self, threads, xnnpack):
+        try:
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
+        except ImportError:
+            raise RuntimeInputError("reading .tflite files needs LiteRT: pip install ai-edge-litert") from None
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        try:
+            self._interpreter = Interpreter(model_path=str(self.path), num_threads=threads,
+                                            experimental_op_resolver_type=resolver)
+            signatures = self._interpreter.get_signature_list()
+        except Exception as e:
+            raise RuntimeInputError(f"cannot load {self.path} as a TFLite model (truncated, corrupt or "
+                                    f"not a model?): {_first_line(e)}") from None
+        if "serving_default" not in signatures:
+            raise RuntimeInputError(f"{self.path} has no 'serving_default' signature (found: "
+                                    f"{', '.join(signatures) or 'none'}); export it with export/to_tflite.py")
+        try:
+            self._runner = self._interpreter.get_signature_runner("serving_default")
+            in_details = self._runner.get_input_details()
+            out_details = self._runner.get_output_details()
+        except Exception as e:  # e.g. an op this LiteRT build lacks (Flex ops)
+            raise RuntimeInputError(f"cannot run {self.path} in LiteRT: {_first_line(e)}") from None
+
+        def spec(d):
+            signature = d.get("shape_signature", d["shape"])
+            return tuple(int(s) if s >= 0 else None for s in signature), np.dtype(d["dtype"]).type
+
+        self.inputs = {name: spec(d) for name, d in in_details.items()}
+        self.outputs = {name: spec(d) for name, d in out_details.items()}
+        self.metadata = {}
+        self._quant = {name: d["quantization"] for name, d in {**in_details, **out_details}.items()
+                       if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0]}
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size a static-batch file was exported with (None: any batch)."""
+        batch = {shape[0] for shape, _ in self.inputs.values() if shape}
+        return next(iter(batch)) if len(batch) == 1 and None not in batch else None
+
+    def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs float32 `feeds` (same first dim) through the model in chunks; float32 outputs."""
+        n = len(next(iter(feeds.values())))
+        fixed = self.fixed_batch
+        step = fixed or self.max_batch
+        parts: dict[str, list] = {name: [] for name in self.outputs}
+        for start in range(0, n, step):
+            chunk = {name: value[start:start + step] for name, value in feeds.items()}
+            rows = len(next(iter(chunk.values())))
+            if fixed and rows < fixed:  # pad the last chunk of a static-batch file
+                chunk = {name: np.concatenate([v, np.zeros((fixed - rows, *v.shape[1:]), v.dtype)])
+                         for name, v in chunk.items()}
+            for name, value in self._call(chunk).items():
+                parts[name].append(value[:rows])
+        return {name: np.concatenate(p) for name, p in parts.items()}
+
+    def _call(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {name: self._to_input(name, value) for name, value in feeds.items()}
+        if self.format == "onnx":
+            values = self._session.run(list(self.outputs), feeds)
+            result = dict(zip(self.outputs, values))
+        else:
+            try:
+                result = self._runner(**feeds)
+            except Exception as e:  # e.g. "failed to reshape" for batches the file cannot take
+                raise RuntimeInputError(f"{self.path}: LiteRT failed on a batch of "
+                                        f"{len(next(iter(feeds.values())))}: {_first_line(e)}") from None
+        return {name: self._from_output(name, value) for name, value in result.items()}
+
+    def _to_input(self, name, value):
+        dtype = self.inputs[name][1]
+        if name in self._quant:  # full-integer TFLite: quantize with the file's scale / zero point
+            scale, zero = self._quant[name]
+            info = np.iinfo(dtype)
+            return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
+        return np.ascontiguousarray(value, dtype=dtype)
+
+    def _from_output(self, name, value):
+        if name in self._quant:
+            scale, zero = self._quant[name]
+            return ((value.astype(np.float32) - zero) * scale).astype(np.float32)
+        return np.asarray(value, dtype=np.float32)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+# --------------------------------------------------------------------------- the two halves
+
+
+class _Half:
+    """Shared by Encoder and Decoder: opens the file, checks its signature, reads its metadata."""
+
+    half = ""
+
+    def __init__(self, path: str | Path, threads: int | None = None, xnnpack: bool = True,
+                 verify: bool = False, max_batch: int = 256, likelihood: str | None = None,
+                 sigma: float | None = None):
+        path = resolve(path, self.half)
+        manifest, entry = read_manifest(path)
+        if verify:
+            _verify(path, entry)
+        self.session = _Session(path, threads=threads, xnnpack=xnnpack, max_batch=max_batch)
+        self.path = path
+        inputs, outputs = SIGNATURES[self.half]
+        found_in, found_out = tuple(self.session.inputs), tuple(self.session.outputs)
+        if set(found_in) != set(inputs) or set(found_out) != set(outputs):
+            other = "encoder" if self.half == "decoder" else "decoder"
+            if (set(found_in), set(found_out)) == tuple(set(s) for s in SIGNATURES[other]):
+                raise RuntimeInputError(f"{path} is the {other}, not the {self.half}; open it with "
+                                        f"kvae.runtime.{other.capitalize()}")
+            raise RuntimeInputError(
+                f"{path} is not a kvae {self.half}: it has inputs {list(found_in)} and outputs "
+                f"{list(found_out)}; expected {list(inputs)} -> {list(outputs)} (export/to_onnx.py, "
+                "export/to_tflite.py)")
+        meta = self.session.metadata
+        self.info = _describe(manifest, entry, meta, self.session, self.half)
+        if likelihood is not None:
+            self.info["likelihood"] = likelihood
+        if sigma is not None:
+            self.info["sigma"] = float(sigma)
+        self.latent_dim: int = self.info["latent_dim"]
+        self.image_shape: tuple[int, int, int] = tuple(self.info["image_shape"])
+
+    @property
+    def format(self) -> str:
+        return self.session.format
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({str(self.path)!r}, format={self.format!r}, "
+                f"latent_dim={self.latent_dim}, image_shape={self.image_shape})")
+
+
+def _verify(path: Path, entry: dict | None) -> None:
+    if entry is None or "sha256" not in entry:
+        raise RuntimeInputError(f"cannot verify {path}: manifest.json beside it lists no sha256 for "
+                                f"{path.name}")
+    if not path.is_file():
+        raise RuntimeInputError(f"no such model file: {path}")
+    actual = sha256(path)
+    if actual != entry["sha256"]:
+        raise RuntimeInputError(f"{path} does not match its manifest (sha256 {actual[:12]}..., "
+                                f"manifest says {entry['sha256'][:12]}...): the file changed or is "
+                                "corrupt; export it again")
+
+
+def _describe(manifest: dict, entry: dict | None, meta: dict, session: _Session, half: str) -> dict:
+    """latent_dim, image_shape, likelihood, sigma, precision and where they came from."""
+    if manifest:
+        source = "manifest.json"
+        info = {key: manifest.get(key) for key in ("latent_dim", "image_shape", "likelihood", "sigma")}
+        info["precision"] = (entry or {}).get("precision", "fp32")
+    elif "latent_dim" in meta:
+        source = "ONNX metadata"
+        try:
+            info = {"latent_dim": int(meta["latent_dim"]),
+                    "image_shape": json.loads(meta.get("image_shape", "null")),
+                    "likelihood": meta.get("likelihood"),
+                    "sigma": float(meta["sigma"]) if meta.get("sigma") not in (None, "", "None") else None,
+                    "precision": meta.get("precision", "fp32")}
+        except (ValueError, TypeError) as e:
+            raise RuntimeInputError(f"{session.path}: unreadable kvae metadata: {e}") from None
+    else:
+        source = "model shapes"
+        info = {"latent_dim": None, "image_shape": None, "likelihood": None, "sigma": None,
+                "precision": "fp32"}
+    # the model's own shapes fill gaps and must agree with the metadata
+    if half == "decoder":
+        latent = session.inputs["z"][0][-1]
+        image = session.outputs["x_mean"][0][1:]
+    else:
+        latent = session.outputs["loc"][0][-1]
+        image = session.inputs["x"][0][1:]
+    if info["latent_dim"] is None:
+        info["latent_dim"] = latent
+    if not info["image_shape"]:
+        info["image_shape"] = list(image)
+    if info["latent_dim"] is None or None in info["image_shape"] or len(info["image_shape"]) != 3:
+        raise RuntimeInputError(f"{session.path}: cannot tell the latent size and image shape (no "
+                                "manifest.json beside it and no metadata in it)")
+    info["latent_dim"] = int(info["latent_dim"])
+    info["image_shape"] = [int(d) for d in info["image_shape"]]
+    if latent is not None and latent != info["latent_dim"] or (
+            None not in image and list(image) != info["image_shape"]):
+        raise RuntimeInputError(f"{session.path} takes latent size {latent} and images {list(image)} "
+                                f"but its {source} says {info['latent_dim']} and {info['image_shape']}: "
+                                "the file and its manifest are from different exports")
+    info["source"] = source
+    return info
+
+
+class Decoder(_Half):
+    """z (B, latent_dim) -> x_mean (B, H, W, C) from an exported decoder file.
+
+    Args:
+      path: `decoder*.onnx` / `decoder*.tflite`, or an export or run folder (opens decoder.onnx,
+        else decoder.tflite).
+      threads: CPU threads (None: the runtime's default).
+      xnnpack: TFLite only: use the XNNPACK delegate (default on).
+      verify: check the file's sha256 against manifest.json before opening it.
+      max_batch: rows per runtime call (larger batches are chunked).
+      likelihood, sigma: override the manifest's (needed for log_likelihood without a manifest).
+
+    Raises:
+      RuntimeInputError: missing, truncated, corrupt or non-model file, or not a kvae decoder.
+    """
+
+    half = "decoder"
+
+    def decode(self, z) -> np.ndarray:
+        """z (B, latent_dim) or (latent_dim,) -> x_mean (B, H, W, C) or (H, W, C), float32 in [0, 1]."""
+        z = np.asarray(z) if not isinstance(z, np.ndarray) else z
+        single = z.ndim == 1
+        z = check_latents(z if not single else z[None], self.latent_dim)
+        if len(z) == 0:
+            return np.zeros((0, *self.image_shape), np.float32)
+        x_mean = self.session.run(z=z)["x_mean"]
+        return x_mean[0] if single else x_mean
+
+    def sample(self, n: int, seed=None) -> np.ndarray:
+        """n images from the prior: z = eps ~ N(0, I) drawn by numpy, then decoded.
+
+        Args:
+          n: number of images.
+          seed: int or numpy Generator; the same seed gives the same images in any process.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise RuntimeInputError(f"n must be a non-negative integer, got {n!r}")
+        return self.decode(draw_eps(seed, (int(n), self.latent_dim)))
+
+
+class Encoder(_Half):
+    """x (B, H, W, C) in [0, 1] -> (loc, scale) of Q(z|X) from an exported encoder file.
+
+    Same arguments as `Decoder`; a folder opens encoder.onnx, else encoder.tflite.
+    """
+
+    half = "encoder"
+
+    def encode(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (loc, scale), each (B, latent_dim), or (latent_dim,) for one image.
+
+        Args:
+          x: (B, H, W, C) or one (H, W, C) image (for one channel also (B, H, W) / (H, W));
+            floats in [0, 1], or integers 0..255 (uint8 images as read from files).
+        """
+        x, single = check_images(x, self.image_shape)
+        if len(x) == 0:
+            empty = np.zeros((0, self.latent_dim), np.float32)
+            return empty, empty.copy()
+        out = self.session.run(x=x)
+        loc, scale = out["loc"], out["scale"]
+        return (loc[0], scale[0]) if single else (loc, scale)
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def draw_eps(seed, shape) -> np.ndarray:
+    """eps ~ N(0, I) as float32 from numpy's Generator (seed: int, Generator or None)."""
+    try:
+        rng = np.random.default_rng(seed)
+    except (TypeError, ValueError) as e:
+        raise RuntimeInputError(f"seed must be a non-negative integer or a numpy Generator: {e}") from None
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _as_float32(a: np.ndarray, what: str) -> np.ndarray:
+    if a.dtype.kind not in "fiub":
+        raise RuntimeInputError(f"{what} must be a real numeric array; got dtype {a.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = a.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(a)):
+        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+        raise RuntimeInputError(f"{what} has {bad} NaN or infinite value(s) (or values too large "
+                                "for float32)")
+    return a
+
+
+def check_latents(z, latent_dim: int) -> np.ndarray:
+    """z -> float32 (B, latent_dim), or a RuntimeInputError that says what is wrong."""
+    z = np.asarray(z)
+    if z.ndim != 2 or z.shape[1] != latent_dim:
+        raise RuntimeInputError(f"z must have shape (batch, {latent_dim}) (this decoder's latent size "
+                                f"is {latent_dim}); got {z.shape}")
+    return _as_float32(z, "z")
+
+
+def check_images(x, image_shape) -> tuple[np.ndarray, bool]:
+    """Images -> (float32 (B, H, W, C) in [0, 1], whether one image was given)."""
+    x = np.asarray(x)
+    h, w, c = image_shape
+    single = False
+    if x.shape == (h, w, c):
+        x, single = x[None], True
+    elif c == 1 and x.shape == (h, w):
+        x, single = x[None, ..., None], True
+    elif c == 1 and x.ndim == 3 and x.shape[1:] == (h, w):
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[1:] != (h, w, c):
+        raise RuntimeInputError(f"images must have shape (batch, {h}, {w}, {c}) or ({h}, {w}, {c}); "
+                                f"got {x.shape}")
+    if x.dtype.kind in "iu":  # integer pixels: 0..255 levels
+        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise RuntimeInputError(f"integer images must hold 0..255; got values in [{lo}, {hi}]")
+        return x.astype(np.float32) / 255.0, single
+    x = _as_float32(x, "images")
+    if x.size:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise RuntimeInputError(f"float images must lie in [0, 1]; got values in [{lo:g}, {hi:g}] "
+                                    "(divide 0..255 pixels by 255, or pass uint8)")
+    return x, single
+
+
+# --------------------------------------------------------------------------- the pair
+
+
+class VAE:
+    """An exported encoder and decoder used together (no TensorFlow).
+
+    Args:
+      encoder_path, decoder_path: the two files (any mix of `.onnx` / `.tflite`).
+      **options: `threads`, `xnnpack`, `verify`, `max_batch`, `likelihood`, `sigma` for both.
+    """
+
+    def __init__(self, encoder_path, decoder_path, **options):
+        self.encoder = Encoder(encoder_path, **options)
+        self.decoder = Decoder(decoder_path, **options)
+        if (self.encoder.latent_dim, self.encoder.image_shape) != (self.decoder.latent_dim,
+                                                                    self.decoder.image_shape):
+            raise RuntimeInputError(
+                f"{self.encoder.path} (latent {self.encoder.latent_dim}, images "
+                f"{list(self.encoder.image_shape)}) and {self.decoder.path} (latent "
+                f"{self.decoder.latent_dim}, images {list(self.decoder.image_shape)}) do not belong together")
+        self.latent_dim = self.decoder.latent_dim
+        self.image_shape = self.decoder.image_shape
+
+    @classmethod
+    def from_folder(cls, folder, format: str | None = None, precision: str = "fp32",
+                    encoder_precision: str = "fp32", **options) -> "VAE":
+        """Opens RUN/export/ (or an export folder): encoder.<fmt> and decoder[.<precision>].<fmt>.
+
+        Args:
+          folder: run folder or export folder.
+          format: `onnx` or `tflite` (default: onnx when present, else tflite).
+          precision: the decoder's: `fp32`, `fp16` or `int8`.
+          encoder_precision: the encoder's.
+        """
+        if format not in (None, "onnx", "tflite"):
+            raise RuntimeInputError(f"format must be 'onnx' or 'tflite', got {format!r}")
+        return cls(resolve(folder, "encoder", format, encoder_precision),
+                   resolve(folder, "decoder", format, precision), **options)
+
+    @property
+    def likelihood(self) -> str | None:
+        return self.decoder.info.get("likelihood")
+
+    @property
+    def sigma(self) -> float | None:
+        return self.decoder.info.get("sigma")
+
+    def encode(self, x):
+        """See Encoder.encode."""
+        return self.encoder.encode(x)
+
+    def decode(self, z):
+        """See Decoder.decode."""
+        return self.decoder.decode(z)
+
+    def sample(self, n: int, seed=None):
+        """See Decoder.sample."""
+        return self.decoder.sample(n, seed)
+
+    def reconstruct(self, x) -> np.ndarray:
+        """Images -> decode(loc): the decoder's mean at the posterior's mean (no sampling)."""
+        loc, _ = self.encode(x)
+        return self.decode(loc)
+
+    def interpolate(self, x_a, x_b, steps: int = 8) -> np.ndarray:
+        """Decodes `steps` points on the straight line between the posterior means of two images.
+
+        Args:
+          x_a, x_b: one image each ((H, W, C)), or equal batches ((B, H, W, C)).
+          steps: points including both ends (>= 2).
+
+        Returns:
+          (steps, H, W, C) for single images, (B, steps, H, W, C) for batches.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+            raise RuntimeInputError(f"steps must be an integer >= 2, got {steps!r}")
+        loc_a, _ = self.encode(x_a)
+        loc_b, _ = self.encode(x_b)
+        if loc_a.shape != loc_b.shape:
+            raise RuntimeInputError(f"x_a and x_b must hold as many images; got {np.shape(x_a)} "
+                                    f"and {np.shape(x_b)}")
+        t = np.linspace(0.0, 1.0, int(steps), dtype=np.float32)[:, None]
+        if loc_a.ndim == 1:
+            return self.decode((1 - t) * loc_a + t * loc_b)
+        z = (1 - t)[None] * loc_a[:, None] + t[None] * loc_b[:, None]  # (B, steps, D)
+        return self.decode(z.reshape(-1, self.latent_dim)).reshape(len(loc_a), int(steps),
+                                                                   *self.image_shape)
+
+    def log_likelihood(self, x, k: int = 100, seed=0, budget: int = 1 << 22) -> np.ndarray:
+        """Importance-weighted estimate of log P(X) per image, in nats (Burda et al. 2015).
+
+            log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i = loc + scale * eps_i
+
+        The sum is a float64 log-sum-exp, accumulated over chunks of samples (memory stays below
+        about `budget` decoded pixels). Bernoulli: log P(X|z) = sum x log p + (1 - x) log(1 - p)
+        from the decoder's float32 probabilities p, clipped to [2^-149, 1 - 2^-25] (float32 cannot
+        tell p from 1 above that): identical to the logits formula except where the decoder is
+        so sure of a pixel that float32 rounds p to exactly 0 or 1 and the pixel disagrees, where it
+        is an upper bound. Gaussian: N(x; x_mean, sigma^2 I) with the manifest's sigma.
+
+        Args:
+          x: images in [0, 1] (binarized for a Bernoulli likelihood) or uint8; see Encoder.encode.
+          k: importance samples per image.
+          seed: int or numpy Generator for eps (default 0: the same numbers every time).
+          budget: decoded pixels held at once.
+
+        Returns:
+          (B,) float64 log P(X) estimates (a float for one image).
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise RuntimeInputError(f"k must be a positive integer, got {k!r}")
+        likelihood, sigma = self.likelihood, self.sigma
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise RuntimeInputError(f"unknown likelihood {likelihood!r}: pass likelihood='bernoulli' or "
+                                    "'gaussian' (and sigma) when there is no manifest.json")
+        if likelihood == "gaussian" and not (sigma and sigma > 0):
+            raise RuntimeInputError("a Gaussian likelihood needs sigma > 0 (manifest.json or sigma=...)")
+        x, single = check_images(x, self.image_shape)
+        rng = np.random.default_rng(seed)
+        pixels = int(np.prod(self.image_shape))
+        rows = max(1, budget // pixels)  # decoded images per step
+        out = np.empty(len(x), np.float64)
+        batch = max(1, min(len(x), rows, 100))
+        for start in range(0, len(x), batch):
+            xb = x[start:start + batch].astype(np.float64)  # (B, H, W, C)
+            loc, scale = self.encoder.encode(xb.astype(np.float32))
+            loc, scale = loc.astype(np.float64), scale.astype(np.float64)
+            b = len(xb)
+            samples = max(1, min(k, rows // b))
+            lse = np.full(b, -np.inf)
+            for s_start in range(0, k, samples):
+                s = min(samples, k - s_start)
+                eps = rng.standard_normal((s, b, self.latent_dim))
+                z = loc + scale * eps  # (s, B, D)
+                log_q = np.sum(-0.5 * eps ** 2 - np.log(scale) - 0.5 * LOG_2PI, -1)
+                log_prior = np.sum(-0.5 * z ** 2 - 0.5 * LOG_2PI, -1)
+                x_mean = self.decoder.decode(z.reshape(-1, self.latent_dim).astype(np.float32))
+                x_mean = x_mean.reshape(s, b, -1).astype(np.float64)
+                log_px = _log_px(xb.reshape(1, b, -1), x_mean, likelihood, sigma)  # (s, B)
+                lse = np.logaddexp(lse, _logsumexp(log_px + log_prior - log_q))
+            out[start:start + b] = lse - math.log(k)
+        return float(out[0]) if single else out
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    """log sum exp over axis 0, stable."""
+    m = np.max(a, axis=0)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    return m_safe + np.log(np.sum(np.exp(a - m_safe), axis=0))
+
+
+def _log_px(x: np.ndarray, x_mean: np.ndarray, likelihood: str, sigma: float | None) -> np.ndarray:
+    """log P(X|z) summed over pixels: x (1, B, P), x_mean (s, B, P) -> (s, B)."""
+    if likelihood == "bernoulli":
+        p = np.clip(x_mean, P_MIN, P_MAX)
+        return np.sum(x * np.log(p) + (1 - x) * np.log1p(-p), -1)
+    return np.sum(-0.5 * ((x - x_mean) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI, -1)
