@@ -1,0 +1,81 @@
+"""python -m kvae.sample FILE_OR_RUN [--n 64] [--seed 0] [--out grid.png]
+
+Draws images from an exported decoder without TensorFlow: eps ~ N(0, I) from numpy's Generator
+(the same --seed gives the same images everywhere), decoded by onnxruntime (`.onnx`) or LiteRT
+(`.tflite`). FILE_OR_RUN is a decoder file, an export folder or a run folder (RUN/export/
+decoder.onnx, else decoder.tflite). `--out` ending in .png writes one grid image; .npy writes the
+(n, H, W, C) float32 array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvae.errors import KVAEError, cli_errors
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by kvae.sample and kvae.encode: which file to pick and how to run it."""
+    parser.add_argument("--format", choices=("onnx", "tflite"), default=None,
+                        help="for a folder: which file format to open (default: onnx if present)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                        help="for a folder: which exported variant to open (default fp32)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")
+    parser.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
+                        help="TFLite: run without the XNNPACK delegate")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the file's sha256 against manifest.json first")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvae.sample",
+        description="Sample images from an exported decoder (.onnx or .tflite) without TensorFlow.",
+        epilog="Example: python -m kvae.sample runs/quickstart --n 64 --seed 0 --out grid.png")
+    parser.add_argument("model", metavar="FILE_OR_RUN",
+                        help="decoder .onnx/.tflite file, export folder, or run folder")
+    parser.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of eps (default: fresh images every time)")
+    parser.add_argument("--out", default="grid.png", help="output .png grid or .npy array (default grid.png)")
+    parser.add_argument("--cols", type=int, default=None, help="grid columns (default: square)")
+    add_runtime_flags(parser)
+    args = parser.parse_args(argv)
+    with cli_errors("kvae.sample"):
+        from kvae.runtime import Decoder, resolve
+
+        if args.n < 1:
+            raise KVAEError("--n must be a positive integer")
+        if args.seed is not None and args.seed < 0:
+            raise KVAEError("--seed must be a non-negative integer")
+        out = Path(args.out)
+        if out.suffix.lower() not in (".png", ".npy"):
+            raise KVAEError(f"--out must end in .png or .npy, got {out}")
+        if out.is_dir():
+            raise KVAEError(f"--out {out} is a folder; give a file name such as {out / 'grid.png'}")
+        path = resolve(args.model, "decoder", args.format, args.precision)
+        decoder = Decoder(path, threads=args.threads, xnnpack=args.xnnpack, verify=args.verify)
+        start = time.perf_counter()
+        images = decoder.sample(args.n, seed=args.seed)
+        seconds = time.perf_counter() - start
+        if out.suffix.lower() == ".npy":
+            from kvae.files import atomic_path
+
+            with atomic_path(out) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, images)
+        else:
+            from kvae.plots import save_grid
+
+            save_grid(images, out, cols=args.cols)
+        seed = "unseeded" if args.seed is None else f"seed {args.seed}"
+        print(f"kvae.sample: {args.n} images from {decoder.path} ({decoder.format}, {seed}) in "
+              f"{seconds * 1000:.1f} ms; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
