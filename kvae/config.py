@@ -161,7 +161,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for name, kind in _types().items():
         default = getattr(defaults, name)
-        text = f"{helps.get(name, '')} (default: {default})"
+        text = f"{helps.get(name, '')} (default: {default})".replace("%", "%%")
         if kind is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=text)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,8 +63,7 @@ def check_out(out: Path, resume: bool) -> None:
                         "another --out")
     probe = out if out.exists() else next(p for p in [*out.parents] if p.exists())
     try:
-        with atomic_path(probe / ".kvae-write-test"):
-            pass
+        tempfile.TemporaryFile(dir=probe).close()
     except OSError as e:
         raise KVAEError(f"cannot write to --out {out}: {e.strerror or e}") from None
 

@@ -1,0 +1,63 @@
+"""Config: defaults, JSON round trip, validation, and flag precedence."""
+
+import json
+
+import pytest
+
+from kvae.config import Config, ConfigError, add_config_flags, config_from_args
+
+
+def test_json_round_trip(tmp_path):
+    config = Config(latent_dim=3, arch="mlp", beta=0.5, data_dir="/data")
+    config.to_json(tmp_path / "c.json")
+    assert Config.from_json(tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"latent_dim": -2}, "--latent-dim must be a positive integer"),
+    ({"latent_dim": 0}, "--latent-dim must be a positive integer"),
+    ({"arch": "resnet"}, "--arch must be one of"),
+    ({"likelihood": "poisson"}, "--likelihood must be one of"),
+    ({"sigma": 0.0}, "--sigma must be > 0"),
+    ({"likelihood": "bernoulli", "binarize": "none"}, "needs binary pixels"),
+])
+def test_invalid_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**values)
+
+
+def test_unknown_key_and_wrong_type(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key"):
+        Config.from_dict({"latent_dimm": 3})
+    with pytest.raises(ConfigError, match="must be int"):
+        Config.from_dict({"latent_dim": "3"})
+    with pytest.raises(ConfigError, match="must be int"):
+        Config.from_dict({"epochs": True})
+    assert Config.from_dict({"lr": 1}).lr == 1.0  # an int is a fine float
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        Config.from_json(tmp_path / "bad.json")
+
+
+def test_precedence_defaults_file_flags(tmp_path):
+    import argparse
+
+    (tmp_path / "c.json").write_text(json.dumps({"latent_dim": 4, "epochs": 7}))
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--epochs", "9", "--no-jit"])
+    config = config_from_args(args, Config.from_json(tmp_path / "c.json"))
+    assert (config.latent_dim, config.epochs, config.jit, config.beta) == (4, 9, False, 1.0)
+
+
+def test_help_explains_every_flag(capsys):
+    from kvae.fit import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--out", "--epochs", "--batch-size", "--latent-dim", "--arch",
+                 "--likelihood", "--sigma", "--beta", "--kl-warmup", "--lr", "--seed", "--config",
+                 "--resume"):
+        assert flag in text
+    assert "size of z" in text  # the field's comment became its help

@@ -1,0 +1,187 @@
+"""python -m kvae.fit: the run folder, determinism, resume after SIGKILL, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvae.fit import main
+
+TINY = ["--latent-dim", "4", "--hidden", "32", "--batch-size", "64", "--val-size", "64",
+        "--eval-k", "5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """1,000 real MNIST digits as an .npz: fast epochs for the CLI tests."""
+    from kvae.data import _mnist_5k
+
+    x, y = _mnist_5k()
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x[:1000, :, :, 0], y=y[:1000])
+    return str(path)
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "kvae.fit", *args], capture_output=True,
+                          text=True, **kwargs)
+
+
+def weights(path: Path) -> dict:
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if hasattr(obj, "shape") else None)
+    return out
+
+
+def test_cli_writes_the_complete_run_folder(tiny_npz, tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    result = run_cli("--dataset", tiny_npz, "--out", str(run), "--epochs", "2", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "Epoch 2/2" in result.stdout
+    for name in ("config.json", "vae.keras", "encoder.keras", "decoder.keras", "history.csv",
+                 "metrics.json", "samples.png", "reconstructions.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert json.loads((run / "config.json").read_text())["latent_dim"] == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["eval"]["k"] == 5
+    assert metrics["eval"]["nll"] <= metrics["eval"]["neg_elbo"] + 1.0
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and [r.split(",")[0] for r in history[1:]] == ["1", "2"]
+    assert "val_loss" in history[0] and "kl_loss" in history[0]
+    for png in ("samples.png", "reconstructions.png"):
+        with Image.open(run / png) as im:
+            im.verify()
+    assert any((run / "logs").rglob("events.out.tfevents*"))  # TensorBoard
+    assert not list(run.rglob(".tmp-*"))  # no temporary files left behind
+
+
+def test_one_epoch_lowers_the_loss(tiny_npz, tmp_path):
+    import keras
+
+    from kvae import data as kdata
+    from kvae.config import Config
+    from kvae.fit import fit
+    from kvae.model import build_vae
+
+    config = Config(dataset=tiny_npz, out=str(tmp_path / "r"), epochs=1, latent_dim=4, hidden=32,
+                    batch_size=64, val_size=64, eval_k=0)
+    d = kdata.load(tiny_npz, val_size=64)
+    keras.utils.set_random_seed(config.seed)
+    untrained = build_vae(config, d.image_shape)
+    untrained.compile()
+    before = untrained.evaluate(kdata.eval_dataset(d.x_val, 64, "dynamic"), verbose=0, return_dict=True)
+    fit(config)
+    history = (tmp_path / "r" / "history.csv").read_text().splitlines()
+    after = float(history[1].split(",")[history[0].split(",").index("val_loss")])
+    assert after < before["loss"] - 20  # measured: 543 -> 498 nats after one 14-step epoch
+
+
+@pytest.mark.slow
+def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, tmp_path):
+    args = ["--dataset", tiny_npz, "--epochs", "6", *TINY, "--eval-k", "0"]
+    straight = tmp_path / "straight"
+    assert run_cli("--out", str(straight), *args).returncode == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kvae.fit", "--out", str(killed), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = killed / "state" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["epochs_done"] >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(progress.read_text())["epochs_done"]
+    assert 2 <= done < 6
+    result = run_cli("--out", str(killed), "--resume", "--dataset", tiny_npz)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming {killed} after epoch {done}" in result.stdout
+
+    epochs = [r.split(",")[0] for r in (killed / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3", "4", "5", "6"]  # every epoch exactly once
+    a = weights(straight / "state" / "epoch-0006.weights.h5")
+    b = weights(killed / "state" / "epoch-0006.weights.h5")
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert (killed / "vae.keras").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    from kvae.callbacks import RunState
+    from kvae.config import Config
+
+    class Model:
+        stop_training = False
+
+    state = RunState(tmp_path, Config())
+    state.set_model(Model())
+    state.on_epoch_end(0, {"loss": float("nan"), "val_loss": 1.0})
+    assert state.nan_epoch == 0 and state.model.stop_training
+    assert not list((tmp_path / "state").glob("*.weights.h5"))  # a NaN epoch is never saved
+
+
+def _bad_inputs(tmp_path, tiny_npz):
+    (tmp_path / "empty").mkdir()
+    np.savez(tmp_path / "nox.npz", images=np.zeros((10, 4, 4)))
+    np.savez(tmp_path / "nan.npz", x=np.full((10, 4, 4), np.nan))
+    (tmp_path / "a_file").write_text("")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.json").write_text(json.dumps({"latent_dim": 4}))
+    return {
+        "unknown dataset": (["--dataset", "no_such_dataset"], "unknown dataset"),
+        "missing path": (["--dataset", str(tmp_path / "missing.npz")], "no such file"),
+        "folder without images": (["--dataset", str(tmp_path / "empty")], "no images"),
+        "npz without x": (["--dataset", str(tmp_path / "nox.npz")], "no array named 'x'"),
+        "NaN pixels": (["--dataset", str(tmp_path / "nan.npz")], "NaN"),
+        "negative latent dim": (["--latent-dim", "-3"], "--latent-dim must be a positive"),
+        "unwritable out": (["--dataset", tiny_npz, "--out", str(tmp_path / "a_file" / "run")],
+                           "cannot write to --out"),
+        "existing run": (["--dataset", tiny_npz, "--out", str(existing)], "already holds a run"),
+        "resume nothing": (["--resume", "--out", str(tmp_path / "nothing")], "holds no run"),
+        "resume with a change": (["--resume", "--out", str(existing), "--latent-dim", "5"],
+                                 "cannot change --latent-dim"),
+        "bad config file": (["--config", str(tmp_path / "a_file")], "cannot read config file"),
+    }
+
+
+CASES = ["unknown dataset", "missing path", "folder without images", "npz without x",
+         "NaN pixels", "negative latent dim", "unwritable out", "existing run", "resume nothing",
+         "resume with a change", "bad config file"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_nonzero_exit_nothing_written(case, tmp_path, tiny_npz, capsys):
+    args, message = _bad_inputs(tmp_path, tiny_npz)[case]
+    out = tmp_path / "out"
+    if "--out" not in args:
+        args = [*args, "--out", str(out)]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvae.fit: error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no half-written run folder
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    result = run_cli("--latent-dim", "-1", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "kvae.fit: error: --latent-dim must be a positive integer (got -1)"]
