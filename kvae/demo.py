@@ -1,0 +1,237 @@
+"""python -m kvae.demo RUN [--port 8000] [--host 127.0.0.1] [--open]
+
+Serves the mobile demo: the static web app in `mobile_demo/` (onnxruntime-web runs the exported
+ONNX encoder and decoder inside the browser, no server-side inference), the run's `RUN/export/`
+folder and onnxruntime-web's WebAssembly files, all from this machine (no CDN).
+
+    /            mobile_demo/index.html (and the app's other files: /app.js, /style.css)
+    /export/...  RUN/export/ (manifest.json, encoder.onnx, decoder.onnx, ...)
+    /ort/...     mobile_demo/node_modules/onnxruntime-web/dist/ (`npm ci` in mobile_demo/ puts it there)
+
+It listens on 127.0.0.1 unless `--host` says otherwise (`--host 0.0.0.0` lets a phone on the
+same network open it). Only GET and HEAD; no directory listings; paths that leave these folders
+(`..`, also percent-encoded) are refused. Standard library only: TensorFlow is never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import shutil
+import socket
+import sys
+import threading
+import urllib.parse
+import webbrowser
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from kvae.errors import KVAEError, cli_errors
+
+APP_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"  # the web app, next to kvae/
+ORT_DIST = Path("node_modules") / "onnxruntime-web" / "dist"  # inside the app folder
+ORT_ENTRY = "ort.wasm.min.mjs"  # the module app.js imports (WebAssembly backend only)
+REQUIRED_EXPORTS = ("manifest.json", "encoder.onnx", "decoder.onnx")
+
+# Explicit types: Python's `mimetypes` reads the OS tables, which may lack .wasm/.mjs/.onnx, and
+# browsers refuse to compile wasm streamed as anything but application/wasm.
+MIME_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".wasm": "application/wasm",
+    ".onnx": "application/octet-stream",
+    ".tflite": "application/octet-stream",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+    ".md": "text/markdown; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+def content_type(path: Path) -> str:
+    return MIME_TYPES.get(path.suffix.lower(), "application/octet-stream")
+
+
+class DemoHandler(BaseHTTPRequestHandler):
+    """Maps URL paths onto three folders (app, export, ort) and serves plain files only."""
+
+    server: DemoServer
+    server_version = "kvae-demo"
+    sys_version = ""
+
+    def do_GET(self):
+        self._serve(send_body=True)
+
+    def do_HEAD(self):
+        self._serve(send_body=False)
+
+    def _serve(self, send_body: bool) -> None:
+        status, path = self.server.resolve(self.path)
+        if path is None:
+            self.send_error(status)
+            return
+        try:
+            f = open(path, "rb")
+        except OSError:
+            self.send_error(HTTPStatus.NOT_FOUND)
+            return
+        with f:
+            size = path.stat().st_size
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", content_type(path))
+            self.send_header("Content-Length", str(size))
+            self.send_header("Cache-Control", "no-cache")  # a re-export shows up on reload
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            if send_body:
+                try:
+                    shutil.copyfileobj(f, self.wfile)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the browser stopped reading (page closed); nothing to do
+
+    def log_request(self, code="-", size="-"):
+        if isinstance(code, int) and code >= 400:
+            super().log_request(code, size)  # only failed requests: a page load makes dozens
+
+    def log_error(self, format, *args):
+        pass  # send_error's own line; log_request above already shows the failed request
+
+    def log_message(self, format, *args):
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+class DemoServer(ThreadingHTTPServer):
+    """A threaded HTTP server for the demo; `resolve` is its whole routing table.
+
+    Args:
+      address: (host, port); port 0 picks a free one (see `server_address`).
+      export_dir: the run's export folder (`RUN/export`).
+      app_dir: the web app (`mobile_demo/`).
+      quiet: log nothing (tests).
+    """
+
+    daemon_threads = True  # a hung browser connection never blocks Ctrl-C
+
+    def __init__(self, address, export_dir: Path, app_dir: Path = APP_DIR, quiet: bool = False):
+        self.roots = {
+            "": Path(app_dir).resolve(),
+            "export": Path(export_dir).resolve(),
+            "ort": (Path(app_dir) / ORT_DIST).resolve(),
+        }
+        self.quiet = quiet
+        super().__init__(address, DemoHandler)
+
+    def resolve(self, url: str) -> tuple[int, Path | None]:
+        """URL path -> (status, file); file is None when it must not be served."""
+        raw = urllib.parse.urlsplit(url).path
+        if not raw.startswith("/"):
+            return HTTPStatus.BAD_REQUEST, None
+        try:
+            decoded = urllib.parse.unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            return HTTPStatus.BAD_REQUEST, None
+        parts = decoded.split("/")[1:]
+        if parts == [""]:
+            parts = ["index.html"]
+        # Refuse anything that could step outside a root: "..", ".", empty segments ("//"),
+        # hidden files (".tmp-*" being written), backslashes and NUL, before or after decoding.
+        if any(p in ("", ".", "..") or p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+            return HTTPStatus.FORBIDDEN, None
+        if parts[0] in ("export", "ort") and len(parts) > 1:
+            root, rest = self.roots[parts[0]], parts[1:]
+        elif len(parts) == 1 and parts[0] not in ("export", "ort", "node_modules"):
+            root, rest = self.roots[""], parts  # the app's own top-level files only
+        else:
+            return HTTPStatus.NOT_FOUND, None
+        path = root.joinpath(*rest).resolve()
+        if not path.is_relative_to(root):  # a symlink pointing out of the folder
+            return HTTPStatus.FORBIDDEN, None
+        if not path.is_file():  # directories included: no listings
+            return HTTPStatus.NOT_FOUND, None
+        return HTTPStatus.OK, path
+
+
+def check_folders(run: Path, app_dir: Path = APP_DIR) -> Path:
+    """Fails with one line that says what to run if a folder the demo needs is missing."""
+    if not run.is_dir():
+        raise KVAEError(f"{run} is not a folder; pass a run folder (python -m kvae.fit --out RUN)")
+    export_dir = run / "export"
+    missing = [name for name in REQUIRED_EXPORTS if not (export_dir / name).is_file()]
+    if missing:
+        raise KVAEError(f"{export_dir} lacks {', '.join(missing)}: run python export/to_onnx.py {run}")
+    if not (app_dir / "index.html").is_file():
+        raise KVAEError(f"the web app is missing ({app_dir / 'index.html'}); "
+                        "run the demo from a checkout of the kvae repository")
+    if not (app_dir / ORT_DIST / ORT_ENTRY).is_file():
+        raise KVAEError(f"onnxruntime-web is not installed: run (cd {app_dir} && npm ci)")
+    return export_dir
+
+
+def lan_address() -> str | None:
+    """This machine's address on its local network (a UDP connect sends no packet)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return None
+
+
+def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
+                app_dir: Path = APP_DIR, quiet: bool = False) -> DemoServer:
+    """Checks the folders and binds the server (not started: call `serve_forever`)."""
+    export_dir = check_folders(Path(run), app_dir)
+    try:
+        return DemoServer((host, port), export_dir, app_dir, quiet=quiet)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise KVAEError(f"port {port} is in use on {host}: pass another --port") from None
+        raise KVAEError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvae.demo",
+        description="Serve the mobile demo (the exported ONNX encoder/decoder running in the "
+                    "browser with onnxruntime-web) and RUN/export/.",
+        epilog="Example: python -m kvae.demo runs/quickstart --open. "
+               "--host 0.0.0.0 lets a phone on the same network open it.")
+    parser.add_argument("run", metavar="RUN", help="run folder with export/ (python export/to_onnx.py RUN)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; "
+                             "0.0.0.0: every network this machine is on)")
+    parser.add_argument("--open", action="store_true", help="open the demo in a browser tab")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    with cli_errors("kvae.demo"):
+        args = parse_args(argv)
+        server = make_server(args.run, args.host, args.port)
+        port = server.server_address[1]
+        local = "127.0.0.1" if args.host in ("0.0.0.0", "", "::") else args.host
+        url = f"http://{local}:{port}/"
+        print(f"kvae.demo: serving {Path(args.run) / 'export'} at {url}  (Ctrl-C stops)", flush=True)
+        if args.host in ("0.0.0.0", "", "::"):
+            lan = lan_address()
+            if lan:
+                print(f"kvae.demo: on a phone on the same network open http://{lan}:{port}/ "
+                      "(anyone on this network can)", flush=True)
+        if args.open:
+            threading.Timer(0.3, webbrowser.open, (url,)).start()
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,574 @@
+// kvae mobile demo: the exported ONNX decoder and encoder running in the browser (onnxruntime-web,
+// WebAssembly). Served by `python -m kvae.demo RUN`: ./export/ holds the run's export folder,
+// ./ort/ onnxruntime-web's dist/ folder. Nothing is computed on the server and nothing comes from a CDN.
+//
+// Test hook: window.kvae = {ready, manifest, decode(z), encode(x), sampleZ(seed, n), state}.
+
+const EXPORT = "./export/";
+const ORT = "./ort/";
+const GRID = 4; // the sample grid is GRID x GRID
+const MAX_SLIDERS = 16; // latent dims shown as sliders; the rest keep their values
+const Z_RANGE = 3; // sliders and the pad span [-Z_RANGE, Z_RANGE]
+const PAD_STEPS = 12; // the latent_dim == 2 pad shows a PAD_STEPS x PAD_STEPS decoded grid
+const INTERP_STEPS = 8;
+const DIGIT_BOX = 20 / 28; // MNIST digits fill a 20x20 box in 28x28, centred on their mass
+
+const $ = (id) => document.getElementById(id);
+const status = (text, isError = false) => {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+};
+
+// ---------------------------------------------------------------- seeded normal numbers
+/** mulberry32: a tiny 32-bit PRNG; same seed -> same numbers in every browser. */
+function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296; // [0, 1)
+  };
+}
+
+/** `count` N(0, 1) numbers from `seed` (Box-Muller on mulberry32). */
+function sampleNormal(seed, count) {
+  const uniform = mulberry32(seed);
+  const out = new Float32Array(count);
+  for (let i = 0; i < count; i += 2) {
+    const u1 = 1 - uniform(); // (0, 1]: log stays finite
+    const u2 = uniform();
+    const r = Math.sqrt(-2 * Math.log(u1));
+    out[i] = r * Math.cos(2 * Math.PI * u2);
+    if (i + 1 < count) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- model
+let ort; // the onnxruntime-web module, imported in init()
+const model = {
+  manifest: null,
+  latentDim: 0,
+  shape: [0, 0, 0], // [H, W, C]
+  encoder: null,
+  decoder: null,
+  decoderFile: "decoder.onnx",
+  names: { x: "x", loc: "loc", scale: "scale", z: "z", xMean: "x_mean" },
+};
+const pixelsPerImage = () => model.shape[0] * model.shape[1] * model.shape[2];
+
+// One run at a time per session: runs queue behind each other.
+const queues = new Map();
+function runQueued(session, feeds) {
+  const previous = queues.get(session) || Promise.resolve();
+  const next = previous.catch(() => {}).then(() => session.run(feeds));
+  queues.set(session, next);
+  return next;
+}
+
+// Measured times (ms) per kind of call, for the line at the top.
+const timings = new Map();
+function record(label, ms) {
+  const list = timings.get(label) || [];
+  list.push(ms);
+  if (list.length > 50) list.shift();
+  timings.set(label, list);
+  const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
+  const parts = [...timings.entries()].map(
+    ([name, xs]) => `${name}: ${xs[xs.length - 1].toFixed(1)} ms (median ${median(xs).toFixed(1)}, ${xs.length} calls)`,
+  );
+  $("perf").textContent = parts.join(" · ");
+  $("perf").dataset.lastMs = ms.toFixed(3);
+}
+
+/** z: flat Float32Array (n * latent_dim) -> x_mean: flat Float32Array (n * H * W * C). */
+async function decode(z) {
+  z = Float32Array.from(z);
+  const n = z.length / model.latentDim;
+  if (!Number.isInteger(n) || n < 1) throw new Error(`decode: z has ${z.length} numbers, not a multiple of latent_dim ${model.latentDim}`);
+  const feeds = { [model.names.z]: new ort.Tensor("float32", z, [n, model.latentDim]) };
+  const t0 = performance.now();
+  const out = await runQueued(model.decoder, feeds);
+  record(`decode batch ${n}`, performance.now() - t0);
+  return out[model.names.xMean].data;
+}
+
+/** x: flat Float32Array (n * H * W * C) in [0, 1] -> {loc, scale} flat (n * latent_dim). */
+async function encode(x) {
+  x = Float32Array.from(x);
+  const n = x.length / pixelsPerImage();
+  if (!Number.isInteger(n) || n < 1) throw new Error(`encode: x has ${x.length} numbers, not a multiple of H*W*C ${pixelsPerImage()}`);
+  const feeds = { [model.names.x]: new ort.Tensor("float32", x, [n, ...model.shape]) };
+  const t0 = performance.now();
+  const out = await runQueued(model.encoder, feeds);
+  record(`encode batch ${n}`, performance.now() - t0);
+  return { loc: out[model.names.loc].data, scale: out[model.names.scale].data };
+}
+
+/** Live views (sliders, pen): while a call runs, only the newest request waits behind it.
+ * The promise returned resolves once the newest request has been drawn. */
+function latestOnly(work) {
+  let pending = null;
+  let pumping = null;
+  const pump = async () => {
+    while (pending) {
+      const args = pending;
+      pending = null;
+      try {
+        await work(...args);
+      } catch (e) {
+        fail(e);
+      }
+    }
+    pumping = null;
+  };
+  return (...args) => {
+    pending = args;
+    if (!pumping) pumping = pump();
+    return pumping;
+  };
+}
+
+async function fetchOk(url) {
+  const response = await fetch(url, { cache: "no-cache" });
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status} (is it in the run's export folder?)`);
+  return response;
+}
+
+async function loadSession(file, inputName, outputNames) {
+  const bytes = new Uint8Array(await (await fetchOk(EXPORT + file)).arrayBuffer());
+  const session = await ort.InferenceSession.create(bytes, {
+    executionProviders: ["wasm"],
+    graphOptimizationLevel: "all",
+    logSeverityLevel: 3, // errors only
+  });
+  const ins = session.inputNames.join(", ");
+  const outs = session.outputNames.join(", ");
+  if (!session.inputNames.includes(inputName) || outputNames.some((o) => !session.outputNames.includes(o))) {
+    throw new Error(`${file} has inputs [${ins}] and outputs [${outs}]; expected ${inputName} -> ${outputNames.join(", ")}`);
+  }
+  return session;
+}
+
+// ---------------------------------------------------------------- drawing images
+/** Paints n images (flat x_mean, values in [0, 1]) into `canvas` as a rows x cols grid. */
+function paintGrid(canvas, x, n, cols) {
+  const [H, W, C] = model.shape;
+  const rows = Math.ceil(n / cols);
+  if (canvas.width !== cols * W || canvas.height !== rows * H) {
+    canvas.width = cols * W;
+    canvas.height = rows * H;
+  }
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(cols * W, rows * H);
+  const rgba = image.data;
+  for (let k = 0; k < n; k++) {
+    const r0 = Math.floor(k / cols) * H;
+    const c0 = (k % cols) * W;
+    for (let i = 0; i < H; i++) {
+      for (let j = 0; j < W; j++) {
+        const src = ((k * H + i) * W + j) * C;
+        const dst = ((r0 + i) * cols * W + c0 + j) * 4;
+        for (let ch = 0; ch < 3; ch++) {
+          const v = x[src + (C === 1 ? 0 : ch)];
+          rgba[dst + ch] = Math.round(255 * Math.min(1, Math.max(0, v)));
+        }
+        rgba[dst + 3] = 255;
+      }
+    }
+  }
+  ctx.putImageData(image, 0, 0);
+}
+
+const paintOne = (canvas, x) => paintGrid(canvas, x, 1, 1);
+
+// ---------------------------------------------------------------- the page's state
+const state = {
+  sample: null, // {seed, n, z, x}
+  explore: { z: null, x: null, version: 0 },
+  draw: { x: null, loc: null, scale: null, recon: null, version: 0 },
+  slots: { a: null, b: null },
+  interp: null, // {z, x}
+};
+
+// ---------------------------------------------------------------- Sample
+async function renderSample(seed) {
+  const n = GRID * GRID;
+  const z = sampleNormal(seed, n * model.latentDim);
+  const x = await decode(z);
+  paintGrid($("grid"), x, n, GRID);
+  state.sample = { seed, n, z, x };
+  $("seed").value = String(seed);
+}
+
+function readSeed() {
+  const seed = Number.parseInt($("seed").value, 10);
+  return Number.isFinite(seed) && seed >= 0 ? seed >>> 0 : 0;
+}
+
+function pickSample(event) {
+  if (!state.sample) return;
+  const rect = $("grid").getBoundingClientRect();
+  const col = Math.min(GRID - 1, Math.floor(((event.clientX - rect.left) / rect.width) * GRID));
+  const row = Math.min(GRID - 1, Math.floor(((event.clientY - rect.top) / rect.height) * GRID));
+  const k = row * GRID + col;
+  const L = model.latentDim;
+  setExplore(state.sample.z.slice(k * L, (k + 1) * L));
+  $("explore").scrollIntoView({ behavior: "smooth", block: "start" });
+}
+
+// ---------------------------------------------------------------- Explore
+const renderExplore = latestOnly(async (z) => {
+  const x = await decode(z);
+  paintOne($("explore-out"), x);
+  state.explore = { z, x, version: state.explore.version + 1 };
+  movePadDot(z);
+});
+
+function setExplore(z) {
+  z = Float32Array.from(z);
+  document.querySelectorAll("#sliders input").forEach((slider) => {
+    const d = Number(slider.dataset.dim);
+    slider.value = String(z[d]);
+    slider.nextElementSibling.textContent = z[d].toFixed(2);
+  });
+  return renderExplore(z);
+}
+
+function exploreZ() {
+  const z = Float32Array.from(state.explore.z || new Float32Array(model.latentDim));
+  document.querySelectorAll("#sliders input").forEach((slider) => {
+    z[Number(slider.dataset.dim)] = Number(slider.value);
+  });
+  return z;
+}
+
+function buildSliders() {
+  const box = $("sliders");
+  box.replaceChildren();
+  const shown = Math.min(model.latentDim, MAX_SLIDERS);
+  for (let d = 0; d < shown; d++) {
+    const label = document.createElement("label");
+    const name = document.createElement("span");
+    name.textContent = `z${d + 1}`;
+    const slider = document.createElement("input");
+    Object.assign(slider, { type: "range", min: -Z_RANGE, max: Z_RANGE, step: 0.01, value: 0 });
+    slider.dataset.dim = String(d);
+    slider.setAttribute("aria-label", `latent dimension ${d + 1}`);
+    const value = document.createElement("output");
+    value.textContent = "0.00";
+    slider.addEventListener("input", () => {
+      value.textContent = Number(slider.value).toFixed(2);
+      renderExplore(exploreZ());
+    });
+    label.append(name, slider, value);
+    box.append(label);
+  }
+  if (model.latentDim > shown) {
+    $("explore-hint").textContent += ` Showing ${shown} of ${model.latentDim} dimensions; the others keep their values.`;
+  }
+}
+
+// latent_dim == 2: a touch pad over the decoded manifold.
+async function paintPad() {
+  const n = PAD_STEPS * PAD_STEPS;
+  const z = new Float32Array(2 * n);
+  for (let i = 0; i < PAD_STEPS; i++) {
+    for (let j = 0; j < PAD_STEPS; j++) {
+      const k = i * PAD_STEPS + j;
+      z[2 * k] = -Z_RANGE + (2 * Z_RANGE * (j + 0.5)) / PAD_STEPS; // x axis: z1
+      z[2 * k + 1] = Z_RANGE - (2 * Z_RANGE * (i + 0.5)) / PAD_STEPS; // y axis (up): z2
+    }
+  }
+  paintGrid($("pad-manifold"), await decode(z), n, PAD_STEPS);
+}
+
+function setupPad() {
+  const pad = $("pad");
+  pad.hidden = false;
+  $("explore-hint").textContent = `Drag over the map of decoded z (z1 across, z2 up, each in [-${Z_RANGE}, ${Z_RANGE}]), or move a slider.`;
+  const fromPointer = (event) => {
+    const rect = pad.getBoundingClientRect();
+    const u = Math.min(1, Math.max(0, (event.clientX - rect.left) / rect.width));
+    const v = Math.min(1, Math.max(0, (event.clientY - rect.top) / rect.height));
+    setExplore([-Z_RANGE + 2 * Z_RANGE * u, Z_RANGE - 2 * Z_RANGE * v]);
+  };
+  pad.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    pad.setPointerCapture(event.pointerId);
+    fromPointer(event);
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (pad.hasPointerCapture(event.pointerId)) fromPointer(event);
+  });
+}
+
+function movePadDot(z) {
+  if ($("pad").hidden) return;
+  const u = (z[0] + Z_RANGE) / (2 * Z_RANGE);
+  const v = (Z_RANGE - z[1]) / (2 * Z_RANGE);
+  $("pad-dot").style.left = `${100 * Math.min(1, Math.max(0, u))}%`;
+  $("pad-dot").style.top = `${100 * Math.min(1, Math.max(0, v))}%`;
+}
+
+// ---------------------------------------------------------------- Draw
+const pen = { drawing: false, last: null, ink: false };
+
+function clearPen() {
+  const canvas = $("pen");
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  pen.ink = false;
+  for (const id of ["draw-input", "draw-recon"]) {
+    const c = $(id);
+    c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  }
+  $("posterior").querySelector("tbody").replaceChildren();
+  state.draw = { x: null, loc: null, scale: null, recon: null, version: state.draw.version + 1 };
+}
+
+function penPoint(event) {
+  const canvas = $("pen");
+  const rect = canvas.getBoundingClientRect();
+  return [((event.clientX - rect.left) / rect.width) * canvas.width, ((event.clientY - rect.top) / rect.height) * canvas.height];
+}
+
+function strokeTo(point) {
+  const ctx = $("pen").getContext("2d");
+  ctx.strokeStyle = "#fff";
+  ctx.lineWidth = $("pen").width / 14; // ~2 px once the digit is scaled to 20 px
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  ctx.beginPath();
+  ctx.moveTo(...(pen.last || point));
+  ctx.lineTo(...point);
+  ctx.stroke();
+  pen.last = point;
+  pen.ink = true;
+}
+
+/** The pen canvas -> the model's input: MNIST-style (digit scaled into a 20/28 box, centred on
+ * its centre of mass), area-averaged down to H x W, ink = 1. Returns null when nothing is drawn. */
+function penToInput() {
+  const [H, W, C] = model.shape;
+  const canvas = $("pen");
+  const { width: cw, height: ch } = canvas;
+  const src = canvas.getContext("2d").getImageData(0, 0, cw, ch).data;
+  let x0 = cw, y0 = ch, x1 = -1, y1 = -1, mass = 0, mx = 0, my = 0;
+  for (let y = 0; y < ch; y++) {
+    for (let x = 0; x < cw; x++) {
+      const v = src[(y * cw + x) * 4] / 255;
+      if (v > 0.05) {
+        x0 = Math.min(x0, x); x1 = Math.max(x1, x);
+        y0 = Math.min(y0, y); y1 = Math.max(y1, y);
+      }
+      mass += v; mx += v * x; my += v * y;
+    }
+  }
+  if (x1 < 0) return null;
+  const K = 4; // supersampling factor for the area average
+  const box = DIGIT_BOX * Math.min(H, W) * K;
+  const s = box / Math.max(x1 - x0 + 1, y1 - y0 + 1);
+  const work = document.createElement("canvas");
+  work.width = W * K;
+  work.height = H * K;
+  const ctx = work.getContext("2d", { willReadFrequently: true });
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, work.width, work.height);
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  // Place the centre of mass at the image centre.
+  const dx = work.width / 2 - (mx / mass - x0) * s;
+  const dy = work.height / 2 - (my / mass - y0) * s;
+  ctx.drawImage(canvas, x0, y0, x1 - x0 + 1, y1 - y0 + 1, dx, dy, (x1 - x0 + 1) * s, (y1 - y0 + 1) * s);
+  const big = ctx.getImageData(0, 0, work.width, work.height).data;
+  const x = new Float32Array(H * W * C);
+  for (let i = 0; i < H; i++) {
+    for (let j = 0; j < W; j++) {
+      let sum = 0;
+      for (let a = 0; a < K; a++) for (let b = 0; b < K; b++) sum += big[((i * K + a) * work.width + j * K + b) * 4];
+      const v = sum / (K * K * 255);
+      for (let c = 0; c < C; c++) x[(i * W + j) * C + c] = v;
+    }
+  }
+  return x;
+}
+
+const renderDraw = latestOnly(async () => {
+  const x = penToInput();
+  if (!x) return;
+  const { loc, scale } = await encode(x);
+  const recon = await decode(loc);
+  paintOne($("draw-input"), x);
+  paintOne($("draw-recon"), recon);
+  const rows = [];
+  for (let d = 0; d < Math.min(model.latentDim, MAX_SLIDERS); d++) {
+    const tr = document.createElement("tr");
+    for (const text of [`z${d + 1}`, loc[d].toFixed(2), scale[d].toFixed(2)]) {
+      const td = document.createElement("td");
+      td.textContent = text;
+      tr.append(td);
+    }
+    rows.push(tr);
+  }
+  $("posterior").querySelector("tbody").replaceChildren(...rows);
+  state.draw = { x, loc, scale, recon, version: state.draw.version + 1 };
+});
+
+function setupPen() {
+  const canvas = $("pen");
+  clearPen();
+  canvas.addEventListener("pointerdown", (event) => {
+    event.preventDefault();
+    canvas.setPointerCapture(event.pointerId);
+    pen.drawing = true;
+    pen.last = null;
+    strokeTo(penPoint(event));
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!pen.drawing) return;
+    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+    for (const e of events.length ? events : [event]) strokeTo(penPoint(e));
+    renderDraw();
+  });
+  const end = () => {
+    if (!pen.drawing) return;
+    pen.drawing = false;
+    pen.last = null;
+    renderDraw();
+  };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+  $("pen-clear").addEventListener("click", clearPen);
+}
+
+// ---------------------------------------------------------------- Interpolate
+async function setSlot(name, z) {
+  if (!z) {
+    status("Draw a digit first.");
+    return;
+  }
+  z = Float32Array.from(z);
+  state.slots[name] = z;
+  paintOne($(`slot-${name}`), await decode(z));
+  await renderInterp();
+}
+
+async function renderInterp() {
+  const { a, b } = state.slots;
+  if (!a || !b) return;
+  const L = model.latentDim;
+  const z = new Float32Array(INTERP_STEPS * L);
+  for (let k = 0; k < INTERP_STEPS; k++) {
+    const t = k / (INTERP_STEPS - 1);
+    for (let d = 0; d < L; d++) z[k * L + d] = (1 - t) * a[d] + t * b[d];
+  }
+  const x = await decode(z);
+  paintGrid($("interp"), x, INTERP_STEPS, INTERP_STEPS);
+  state.interp = { z, x };
+}
+
+// ---------------------------------------------------------------- start-up
+function fail(error) {
+  console.error(error);
+  status(`Error: ${error.message || error}`, true);
+}
+
+async function loadDecoder(file) {
+  model.decoder = await loadSession(file, model.names.z, [model.names.xMean]);
+  model.decoderFile = file;
+}
+
+function describe() {
+  const m = model.manifest;
+  const [H, W, C] = model.shape;
+  status(`Ready: ${model.decoderFile} + encoder.onnx, latent_dim ${model.latentDim}, image ${H}×${W}×${C}, ${m.likelihood || "?"} likelihood; running on this device (WebAssembly).`);
+  $("about").textContent = `Model files from ./export/ (kvae ${m.kvae_version || "?"}). onnxruntime-web ${ort.env.versions?.web || ""}.`;
+}
+
+async function init() {
+  try {
+    ort = await import(`${ORT}ort.wasm.min.mjs`);
+  } catch (e) {
+    throw new Error(`cannot load onnxruntime-web from ${ORT} (run npm ci in mobile_demo/): ${e.message}`);
+  }
+  ort.env.wasm.wasmPaths = new URL(ORT, location.href).href; // local files, never a CDN
+  ort.env.wasm.numThreads = 1; // threads need cross-origin isolation; one is plenty for this model
+  ort.env.logLevel = "error";
+
+  const manifest = await (await fetchOk(`${EXPORT}manifest.json`)).json();
+  if (!Number.isInteger(manifest.latent_dim) || !Array.isArray(manifest.image_shape) || manifest.image_shape.length !== 3) {
+    throw new Error("manifest.json lacks latent_dim or image_shape [H, W, C]");
+  }
+  model.manifest = manifest;
+  model.latentDim = manifest.latent_dim;
+  model.shape = manifest.image_shape.map(Number);
+
+  // Decoder files the manifest lists (float32 first, then quantized variants).
+  const files = manifest.files || {};
+  const decoders = Object.keys(files).filter((f) => files[f].format === "onnx" && files[f].half === "decoder");
+  if (!decoders.includes("decoder.onnx")) decoders.unshift("decoder.onnx");
+  decoders.sort((a, b) => (a === "decoder.onnx" ? -1 : b === "decoder.onnx" ? 1 : a.localeCompare(b)));
+  $("decoder-file").replaceChildren(...decoders.map((f) => new Option(f, f)));
+
+  [model.encoder] = await Promise.all([
+    loadSession("encoder.onnx", model.names.x, [model.names.loc, model.names.scale]),
+    loadDecoder("decoder.onnx"),
+  ]);
+
+  buildSliders();
+  if (model.latentDim === 2) {
+    setupPad();
+    await paintPad();
+  }
+  setupPen();
+  await renderSample(readSeed());
+  await renderExplore(new Float32Array(model.latentDim));
+  const L = model.latentDim;
+  await setSlot("a", state.sample.z.slice(0, L));
+  await setSlot("b", state.sample.z.slice(L, 2 * L));
+  describe();
+
+  $("seed").addEventListener("change", () => renderSample(readSeed()).catch(fail));
+  $("resample").addEventListener("click", () => renderSample((readSeed() + 1) >>> 0).catch(fail));
+  $("grid").addEventListener("click", pickSample);
+  $("explore-zero").addEventListener("click", () => setExplore(new Float32Array(L)));
+  $("explore-random").addEventListener("click", () => setExplore(sampleNormal((Math.random() * 2 ** 32) >>> 0, L)));
+  $("a-from-draw").addEventListener("click", () => setSlot("a", state.draw.loc).catch(fail));
+  $("b-from-draw").addEventListener("click", () => setSlot("b", state.draw.loc).catch(fail));
+  $("a-from-explore").addEventListener("click", () => setSlot("a", exploreZ()).catch(fail));
+  $("b-from-explore").addEventListener("click", () => setSlot("b", exploreZ()).catch(fail));
+  $("decoder-file").addEventListener("change", async (event) => {
+    const file = event.target.value;
+    status(`Loading ${file}…`);
+    try {
+      await loadDecoder(file);
+      timings.clear();
+      await renderSample(state.sample.seed);
+      if (model.latentDim === 2) await paintPad();
+      await renderExplore(exploreZ());
+      await renderInterp();
+      describe();
+    } catch (e) {
+      fail(e);
+    }
+  });
+  return { latentDim: model.latentDim, imageShape: model.shape, decoderFile: model.decoderFile };
+}
+
+const ready = init();
+ready.catch(fail);
+
+window.kvae = {
+  ready,
+  get manifest() {
+    return model.manifest;
+  },
+  decode,
+  encode,
+  sampleZ: sampleNormal,
+  state,
+};
