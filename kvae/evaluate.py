@@ -113,6 +113,27 @@ def evaluate(vae, x: np.ndarray, binarize: str, k: int = 1000, n: int | None = N
             "dataset": dataset, "split": split}
 
 
+def save_figures(vae, x_val: np.ndarray, y_val, run: Path) -> list[Path]:
+    """Writes latent.png, manifold.png (2-D latent) or traversals.png, training_curves.png."""
+    from kvae import plots
+    from kvae.data import to_unit
+
+    def decode(z):
+        return np.asarray(vae.decode(z.astype(np.float32)))
+
+    x = to_unit(x_val[:2000])
+    loc = np.concatenate([np.asarray(vae.encode(x[i:i + 500])[0]) for i in range(0, len(x), 500)])
+    labels = None if y_val is None else np.asarray(y_val)[:2000]
+    written = [plots.latent_scatter(loc, labels, run / "latent.png")]
+    if vae.latent_dim == 2:
+        written.append(plots.manifold(decode, run / "manifold.png"))
+    else:
+        written.append(plots.traversals(decode, vae.latent_dim, run / "traversals.png"))
+    if (run / "history.csv").exists():
+        written.append(plots.training_curves(run / "history.csv", run / "training_curves.png"))
+    return written
+
+
 def format_table(result: dict) -> str:
     rows = [("-log P(X) (IWAE)", "nll"), ("negative ELBO", "neg_elbo"),
             ("  reconstruction", "reconstruction"), ("  KL", "kl")]
@@ -162,6 +183,8 @@ def main(argv=None) -> None:
                           seed=args.seed, split=split, dataset=name, labels=data.y_val, progress=True)
         print(format_table(result))
         merge_metrics(run, {"eval": result})
+        for path in save_figures(vae, data.x_val, data.y_val, run):
+            print(f"kvae.evaluate: wrote {path}")
 
 
 def _load(path: Path, loader):

@@ -171,9 +171,10 @@ def finish(vae, dataset, config: Config, state) -> dict:
             state.epochs_trained_here * steps * min(config.batch_size, n_train)
             / max(state.train_seconds, 1e-9), 1),
     }
-    if config.eval_k:
-        from kvae.evaluate import evaluate
+    from kvae.evaluate import evaluate, save_figures
 
+    save_figures(vae, dataset.x_val, dataset.y_val, out)
+    if config.eval_k:
         metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
                                    split="val", dataset=config.dataset, labels=dataset.y_val)
     path = out / "metrics.json"
