@@ -61,6 +61,8 @@ def resolve(path: str | Path, half: str, format: str | None = None, precision: s
     In a folder, picks `<half>[.<precision>].onnx`, else the `.tflite` one (or only `format`).
     """
     path = Path(path)
+    if not path.exists() and path.suffix.lower() not in FORMATS:
+        raise RuntimeInputError(f"no such file or folder: {path}")
     if not path.is_dir():
         return path
     folder = find_export(path)
