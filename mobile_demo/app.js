@@ -2,7 +2,7 @@
 // WebAssembly). Served by `python -m kvae.demo RUN`: ./export/ holds the run's export folder,
 // ./ort/ onnxruntime-web's dist/ folder. Nothing is computed on the server and nothing comes from a CDN.
 //
-// Test hook: window.kvae = {ready, manifest, decode(z), encode(x), sampleZ(seed, n), state}.
+// Test hook: window.kvae = {ready, manifest, decode(z), encode(x), sampleZ(seed, count), settled(), state}.
 
 const EXPORT = "./export/";
 const ORT = "./ort/";
@@ -68,17 +68,21 @@ function runQueued(session, feeds) {
   return next;
 }
 
-// Measured times (ms) per kind of call, for the line at the top.
+// Measured times (ms) per kind of call ("decode" / "encode" and the batch size), for the nav bar.
 const timings = new Map();
-function record(label, ms) {
-  const list = timings.get(label) || [];
+function record(kind, batch, ms) {
+  const key = `${kind} ${batch}`;
+  const list = timings.get(key) || [];
   list.push(ms);
   if (list.length > 50) list.shift();
-  timings.set(label, list);
+  timings.set(key, list);
   const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
-  const parts = [...timings.entries()].map(
-    ([name, xs]) => `${name}: ${xs[xs.length - 1].toFixed(1)} ms (median ${median(xs).toFixed(1)}, ${xs.length} calls)`,
-  );
+  const parts = [...timings.entries()]
+    .sort(([a], [b]) => a.localeCompare(b, "en", { numeric: true }))
+    .map(([name, xs]) => {
+      const [what, n] = name.split(" ");
+      return `${what} ${median(xs).toFixed(1)} ms/call (batch ${n}, ${xs.length}×)`;
+    });
   $("perf").textContent = parts.join(" · ");
   $("perf").dataset.lastMs = ms.toFixed(3);
 }
@@ -91,7 +95,7 @@ async function decode(z) {
   const feeds = { [model.names.z]: new ort.Tensor("float32", z, [n, model.latentDim]) };
   const t0 = performance.now();
   const out = await runQueued(model.decoder, feeds);
-  record(`decode batch ${n}`, performance.now() - t0);
+  record("decode", n, performance.now() - t0);
   return out[model.names.xMean].data;
 }
 
@@ -103,15 +107,17 @@ async function encode(x) {
   const feeds = { [model.names.x]: new ort.Tensor("float32", x, [n, ...model.shape]) };
   const t0 = performance.now();
   const out = await runQueued(model.encoder, feeds);
-  record(`encode batch ${n}`, performance.now() - t0);
+  record("encode", n, performance.now() - t0);
   return { loc: out[model.names.loc].data, scale: out[model.names.scale].data };
 }
 
 /** Live views (sliders, pen): while a call runs, only the newest request waits behind it.
  * The promise returned resolves once the newest request has been drawn. */
+const liveViews = []; // for settled(): each returns its running promise or null
 function latestOnly(work) {
   let pending = null;
   let pumping = null;
+  liveViews.push(() => pumping);
   const pump = async () => {
     while (pending) {
       const args = pending;
@@ -559,6 +565,15 @@ async function init() {
   return { latentDim: model.latentDim, imageShape: model.shape, decoderFile: model.decoderFile };
 }
 
+/** Resolves once no live view has a decode or encode in flight or waiting. */
+async function settled() {
+  for (;;) {
+    const running = liveViews.map((current) => current()).filter(Boolean);
+    if (!running.length) return;
+    await Promise.all(running);
+  }
+}
+
 const ready = init();
 ready.catch(fail);
 
@@ -570,5 +585,6 @@ window.kvae = {
   decode,
   encode,
   sampleZ: sampleNormal,
+  settled,
   state,
 };
