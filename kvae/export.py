@@ -1,0 +1,1003 @@
+"""Export a run's encoder and decoder to TFLite (LiteRT) and ONNX, and check every file written.
+
+    python export/to_tflite.py RUN [--quantize fp16 int8] [--out DIR] [--fixed-batch 1]
+    python export/to_onnx.py RUN [--quantize fp16 int8] [--out DIR]
+
+Writes into RUN/export/ (the contract in DESIGN.md):
+    encoder.tflite decoder.tflite encoder.onnx decoder.onnx            float32
+    <half>.fp16.<ext> <half>.int8.<ext>                                quantized variants
+    manifest.json                                                      one entry per file
+Signatures (both formats): encoder `x` (batch, H, W, C) in [0, 1] -> `loc`, `scale` (batch, D);
+decoder `z` (batch, D) -> `x_mean` (batch, H, W, C).
+
+How each file is made:
+- TFLite: Keras model -> SavedModel (`keras.export.ExportArchive`) -> `TFLiteConverter.
+  from_saved_model`, builtin ops only (no Flex). `from_concrete_functions` is never used: it writes
+  weightless files whose output is NaN (TOOLCHAIN.md). fp16 = float16 weights; int8 = full integer
+  with float32 I/O, calibrated on the run's own training images (encoder) and on z from the prior
+  and from the posterior of training images (decoder). No dynamic-range TFLite: its hybrid
+  Conv2DTranspose kernel is ~45x slower.
+- ONNX: `tf2onnx.convert.from_function`, opset 17, batch dim named `batch`. fp16 = float16
+  weights, each followed by a Cast to float32 (float32 I/O and arithmetic, half the size, runs on
+  every onnxruntime build). int8 = onnxruntime's static QDQ (calibrated like TFLite's) or dynamic
+  quantization, whichever gives the lower held-out NLL on this run (both are measured each time).
+
+Batch in TFLite. Every .tflite file has two signatures sharing one copy of the weights:
+`serving_default` with a dynamic batch (resize to any batch) and `batch1`, fixed at batch 1
+(`--fixed-batch` sets other sizes). XNNPACK cannot take a Conv2DTranspose whose output shape is
+computed at run time, so the fixed signature is the fast path for the conv decoder. Measured on
+the quickstart conv decoder (latent 32, hidden 256), LiteRT, 1 thread, XNNPACK, ms per call:
+    fp32  batch 1: dynamic 0.44-0.50, fixed 0.29    batch 64: dynamic 27.7, fixed 15.2
+    int8  batch 1: dynamic 0.22,      fixed 0.085   batch 64: dynamic 13.9
+The encoder (Conv2D) runs 0.062 ms at batch 1 either way. Default: `serving_default` stays
+dynamic (any batch works, which is what a caller of the contract expects) and `batch1` is the
+fast path for one image at a time; the manifest's "batch" is "dynamic" and "signatures" lists
+the fixed ones.
+
+Self-check (before a file gets its final name): the file is written under a temporary name,
+loaded in its runtime (ai_edge_litert Interpreter / onnxruntime; ONNX also through
+`onnx.checker.check_model(full_check=True)`), run at batch 1 and 64 on held-out images of the
+run's dataset and on z from the prior and the posterior, and compared with Keras. A non-finite
+output or a difference above TOLERANCE raises KVAEError with the measured number; the temporary
+file is removed and nothing stays under the final name. Quantized decoders also get
+`nll_delta`: the change in held-out IWAE NLL (nats) against float32 Keras with paired samples
+(same encoder outputs, same eps) - choose a variant by that, not by max abs diff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kvae.errors import KVAEError
+from kvae.files import atomic_path, atomic_write_text
+
+HALVES = ("encoder", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZED = ("fp16", "int8")
+OPSET = 17
+INPUT = {"encoder": "x", "decoder": "z"}
+OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
+PIXEL_RANGE = "[0, 1]"
+FIXED_BATCHES = (1,)  # TFLite fast-path signatures `batch<N>` next to the dynamic serving_default
+
+# Self-check bounds on max abs diff against Keras float32, per precision and output. A file
+# beyond them is not written. float32 and float16 are the contract's bounds; int8 bounds only
+# catch a broken file (its quality is nll_delta). Measured on the quickstart conv run and the
+# test runs (conv and mlp, latent 8 and 32): float32 <= 2.1e-6, fp16 <= 1.5e-4 on x_mean and
+# <= 5e-3 on loc, int8 x_mean <= 0.19, loc <= 0.5, scale <= 0.05 (see tests/test_export.py).
+TOLERANCE = {
+    "fp32": {"loc": 1e-5, "scale": 1e-5, "x_mean": 1e-5},
+    "fp16": {"loc": 2e-2, "scale": 2e-3, "x_mean": 1e-3},
+    "int8": {"loc": 1.5, "scale": 0.3, "x_mean": 0.5},
+}
+# ... and on mean abs diff (int8 only: a few large pixel errors are normal, a shifted image is not).
+MEAN_TOLERANCE = {"int8": {"loc": 0.3, "scale": 0.05, "x_mean": 0.05}}
+
+PARITY_N = 64  # held-out images (and z) compared with Keras, at batch 64 and one by one
+NLL_N = 200  # held-out images for nll_delta
+NLL_K = 50  # importance samples per image for nll_delta
+CALIBRATION_N = 200  # training images (and z) for int8 calibration
+NLL_SEED = 0  # seeds eps for nll_delta: the same eps for every variant
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: Keras models and the data every check uses
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run loaded for export: the Keras halves and the inputs every check uses.
+
+    Attributes:
+      path: the run folder.
+      config: its kvae.config.Config.
+      encoder: Keras x -> [loc, scale].
+      decoder: Keras z -> x_mean.
+      x_parity: (PARITY_N, H, W, C) held-out images, preprocessed as in evaluation.
+      z_parity: (2 * PARITY_N, D) z ~ N(0, I) then z ~ Q(z|X) of held-out images.
+      x_nll: (NLL_N, H, W, C) held-out images for nll_delta; loc_nll, scale_nll their Keras posterior.
+      eps_nll: (NLL_K, NLL_N, D) the eps shared by every variant.
+      x_calibration, z_calibration: int8 calibration inputs from the training split and the prior.
+    """
+
+    path: Path
+    config: object
+    encoder: object
+    decoder: object
+    x_parity: np.ndarray
+    z_parity: np.ndarray
+    x_nll: np.ndarray
+    loc_nll: np.ndarray
+    scale_nll: np.ndarray
+    eps_nll: np.ndarray
+    x_calibration: np.ndarray
+    z_calibration: np.ndarray
+    dataset: str
+    _nll_fp32: np.ndarray | None = None
+    _keras_decode: Callable | None = None
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.decoder.inputs[0].shape[-1])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.encoder.inputs[0].shape[1:])
+
+    @property
+    def likelihood(self) -> str:
+        return self.config.likelihood
+
+    @property
+    def sigma(self) -> float:
+        return float(self.config.sigma)
+
+    def keras_outputs(self, half: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Float32 Keras outputs by contract name."""
+        if half == "encoder":
+            loc, scale = self.encoder(inputs, training=False)
+            return {"loc": np.asarray(loc), "scale": np.asarray(scale)}
+        return {"x_mean": np.asarray(self.decoder(inputs, training=False))}
+
+    def parity_inputs(self, half: str) -> np.ndarray:
+        return self.x_parity if half == "encoder" else self.z_parity
+
+    def parity_description(self, half: str) -> str:
+        n = len(self.x_parity)
+        if half == "encoder":
+            return (f"{n} held-out {self.dataset} images ({self.preprocessing_short()}), "
+                    f"at batch {n} and batch 1")
+        return (f"{n} z ~ N(0, I) and {n} z ~ Q(z|X) of held-out {self.dataset} images, "
+                f"at batch {n} and batch 1")
+
+    def preprocessing_short(self) -> str:
+        mode = self.config.resolved_binarize
+        return "binarized with a fixed seed" if mode == "dynamic" else (
+            "binarized at 0.5" if mode == "static" else "pixels / 255")
+
+    def nll_fp32(self) -> np.ndarray:
+        """Per-image held-out NLL with the float32 Keras decoder (computed once)."""
+        if self._nll_fp32 is None:
+            self._nll_fp32 = iwae_nll(self.x_nll, self.loc_nll, self.scale_nll, self.eps_nll,
+                                      self.keras_decode(), self.likelihood, self.sigma)
+        return self._nll_fp32
+
+    def keras_decode(self) -> Callable[[np.ndarray], np.ndarray]:
+        if self._keras_decode is None:
+            self._keras_decode = keras_decode(self.decoder)
+        return self._keras_decode
+
+
+def load_run(run: str | Path) -> Run:
+    """Loads RUN's Keras halves, config and data, and draws every check's inputs (seeded).
+
+    Raises:
+      KVAEError: RUN is not a finished run folder, or its files or dataset cannot be read.
+    """
+    from kvae import data as kdata
+    from kvae.config import Config
+
+    run = Path(run)
+    if not run.is_dir():
+        raise KVAEError(f"no such run folder: {run} (train one with python -m kvae.fit --out {run})")
+    if not (run / "config.json").exists():
+        raise KVAEError(f"{run} is not a run folder (no config.json); train one with python -m kvae.fit")
+    for name in ("encoder.keras", "decoder.keras"):
+        if not (run / name).exists():
+            raise KVAEError(f"{run} has no {name}: its training has not finished "
+                            "(continue it with python -m kvae.fit --resume --out RUN)")
+    config = Config.from_json(run / "config.json")
+    data = kdata.load(config.dataset, config.data_dir, config.val_size)
+
+    import keras
+
+    models = {}
+    for name in HALVES:
+        try:
+            models[name] = keras.saving.load_model(run / f"{name}.keras", safe_mode=True, compile=False)
+        except Exception as e:  # a truncated or corrupt .keras file
+            raise KVAEError(f"cannot load {run / (name + '.keras')}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+    encoder, decoder = models["encoder"], models["decoder"]
+    image_shape = tuple(int(d) for d in encoder.inputs[0].shape[1:])
+    if data.image_shape != image_shape:
+        raise KVAEError(f"{config.dataset} images are {data.image_shape}, the model takes {image_shape}")
+    latent_dim = int(decoder.inputs[0].shape[-1])
+
+    mode = config.resolved_binarize
+    rng = np.random.default_rng(NLL_SEED)
+    x_val = kdata.binarize_fixed(data.x_val, mode)  # as kvae.evaluate sees held-out data
+    x_parity = x_val[:PARITY_N]
+    x_nll = x_val[:NLL_N]
+    x_calibration = kdata.binarize_fixed(data.x_train[:CALIBRATION_N], mode, seed=kdata.EVAL_SEED + 1)
+
+    def posterior_sample(x):
+        loc, scale = (np.asarray(t) for t in encoder(x, training=False))
+        return loc, scale, (loc + scale * rng.standard_normal(loc.shape)).astype(np.float32)
+
+    _, _, z_post = posterior_sample(x_parity)
+    z_parity = np.concatenate([rng.standard_normal((len(x_parity), latent_dim)).astype(np.float32),
+                               z_post])
+    _, _, z_cal = posterior_sample(x_calibration)
+    z_calibration = np.concatenate(
+        [rng.standard_normal((len(x_calibration), latent_dim)).astype(np.float32), z_cal])
+    loc_nll, scale_nll, _ = posterior_sample(x_nll)
+    eps_nll = np.random.default_rng(NLL_SEED + 1).standard_normal(
+        (NLL_K, len(x_nll), latent_dim)).astype(np.float32)
+    return Run(run, config, encoder, decoder, x_parity, z_parity, x_nll, loc_nll, scale_nll,
+               eps_nll, x_calibration, z_calibration, config.dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out NLL with paired samples
+
+
+def iwae_nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
+             decode: Callable[[np.ndarray], np.ndarray], likelihood: str = "bernoulli",
+             sigma: float = 0.1, chunk: int = 2048) -> np.ndarray:
+    """Per-image importance-weighted -log P(X) (Burda et al. 2015), in nats, in numpy.
+
+    log P(X) ~= logsumexp_i [log P(X|z_i) + log P(z_i) - log Q(z_i|X)] - log k,
+    z_i = loc + scale * eps_i. Passing the same loc, scale and eps for every decoder makes the
+    difference between two decoders a paired estimate (its noise is far below each NLL's).
+
+    Args:
+      x: (N, H, W, C) held-out images in [0, 1] (binarized for a Bernoulli likelihood).
+      loc, scale: (N, D) the posterior Q(z|X) (from the float32 Keras encoder).
+      eps: (k, N, D) standard normal draws.
+      decode: z (B, D) float32 -> x_mean (B, H, W, C), the decoder under test.
+      likelihood: `bernoulli` (x_mean are probabilities, clipped to [1e-7, 1 - 1e-7]) or
+        `gaussian` (N(x; x_mean, sigma^2)).
+      sigma: the Gaussian's standard deviation.
+      chunk: at most this many z per decode call.
+
+    Returns:
+      (N,) float64 NLL per image.
+    """
+    k, n, d = eps.shape
+    loc = loc.astype(np.float64)
+    scale = scale.astype(np.float64)
+    z = (loc + scale * eps).astype(np.float32)  # (k, N, D)
+    log_q = np.sum(-0.5 * eps.astype(np.float64) ** 2 - np.log(scale) - 0.5 * LOG_2PI, -1)
+    log_prior = np.sum(-0.5 * z.astype(np.float64) ** 2 - 0.5 * LOG_2PI, -1)
+    log_px = np.empty((k, n))
+    flat = z.reshape(k * n, d)
+    x64 = x.reshape(n, -1).astype(np.float64)
+    for start in range(0, k * n, chunk):
+        rows = np.arange(start, min(start + chunk, k * n))
+        mean = np.asarray(decode(flat[rows]), np.float64).reshape(len(rows), -1)
+        xr = x64[rows % n]
+        if likelihood == "bernoulli":
+            p = np.clip(mean, 1e-7, 1 - 1e-7)
+            lp = np.sum(xr * np.log(p) + (1 - xr) * np.log1p(-p), -1)
+        else:
+            lp = np.sum(-0.5 * ((xr - mean) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI, -1)
+        log_px.reshape(-1)[rows] = lp
+    log_w = log_px + log_prior - log_q  # (k, N)
+    top = log_w.max(0)
+    return -(top + np.log(np.exp(log_w - top).sum(0)) - math.log(k))
+
+
+def keras_decode(decoder, chunk: int = 2048) -> Callable[[np.ndarray], np.ndarray]:
+    """A numpy decode function around a Keras decoder, traced once (tf.function)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda z: decoder(z, training=False), reduce_retracing=True)
+    return lambda z: fn(tf.constant(z)).numpy()
+
+
+def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None,
+              loc: np.ndarray | None = None, scale: np.ndarray | None = None,
+              what: str = "decoder") -> dict:
+    """Change in held-out NLL when one half is replaced by an exported variant (paired).
+
+    A decoder variant is scored with the float32 Keras encoder's (loc, scale); an encoder
+    variant's (loc, scale) are the proposal Q(z|X) with the float32 Keras decoder. Same eps.
+
+    Returns:
+      {"nll_delta": mean change in nats, "nll": {fp32, variant, delta_se, n, k, inputs}}.
+    """
+    reference = run.nll_fp32()
+    nll = iwae_nll(run.x_nll, run.loc_nll if loc is None else loc,
+                   run.scale_nll if scale is None else scale, run.eps_nll,
+                   decode or run.keras_decode(), run.likelihood, run.sigma)
+    diff = nll - reference
+    if not np.all(np.isfinite(diff)):
+        raise KVAEError(f"held-out NLL with the exported {what} is not finite")
+    other = "loc, scale from the float32 Keras encoder" if what == "decoder" else (
+        "this encoder's loc, scale as the proposal, the float32 Keras decoder")
+    return {"nll_delta": round(float(diff.mean()), 4),
+            "nll": {"fp32": round(float(reference.mean()), 3), "variant": round(float(nll.mean()), 3),
+                    "delta_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
+                    "n": int(len(diff)), "k": int(run.eps_nll.shape[0]),
+                    "inputs": f"held-out {run.dataset} images ({run.preprocessing_short()}); "
+                              f"{other}; the same eps for every variant (seed {NLL_SEED + 1})"}}
+
+
+def _nll_of_file(run: Run, half: str, runner, batch: int) -> dict:
+    """nll_entry for an exported half run by `runner` in batches of `batch`."""
+    if half == "decoder":
+        return nll_entry(run, _numpy_fn(runner, "z", "x_mean", batch))
+    out = _batches(runner, "x", run.x_nll, batch)
+    return nll_entry(run, loc=out["loc"], scale=out["scale"], what="encoder")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtimes and the parity check
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Sends the converters' C++ chatter on stdout/stderr (fd level) to a file; replays it on error."""
+    import sys
+    import warnings
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile("w+") as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            sink.seek(0)
+            tail = sink.read()[-4000:]
+            if tail.strip():
+                sys.stderr.write(tail)
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+# Measured with 1 thread (robust on a shared 2-core machine: a second thread that has to wait
+# for a busy core made batch-64 int8 decoding 25x slower there).
+class LiteRTRunner:
+    """Calls one signature of a .tflite file by input/output name (never by output order)."""
+
+    def __init__(self, path: str | Path, signature: str = "serving_default", num_threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        with _quiet():
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        self.runner = self.interpreter.get_signature_runner(signature)
+
+    def __call__(self, name: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: np.array(v) for k, v in self.runner(**{name: np.ascontiguousarray(inputs)}).items()}
+
+
+class ORTRunner:
+    """Calls an ONNX file in onnxruntime (CPU), outputs by name."""
+
+    def __init__(self, path: str | Path, num_threads: int = 1):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, name: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(None, {name: inputs})))
+
+
+def _batches(fn, name: str, inputs: np.ndarray, batch: int | None) -> dict[str, np.ndarray]:
+    """Runs fn on inputs in batches of `batch` (None: all at once); concatenates outputs."""
+    step = len(inputs) if batch is None else batch
+    parts = [fn(name, inputs[i:i + step]) for i in range(0, len(inputs), step)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def parity(half: str, precision: str, reference: dict[str, np.ndarray],
+           results: list[dict[str, np.ndarray]], filename: str) -> dict:
+    """Max and mean abs diff of each run's outputs against Keras; raises if beyond TOLERANCE.
+
+    Args:
+      results: outputs of the file for the same inputs as `reference` (e.g. batch 64 and batch 1).
+
+    Raises:
+      KVAEError: an output is missing, has the wrong shape, is not finite, or differs too much.
+    """
+    max_diff, mean_diff = {}, {}
+    for name in OUTPUTS[half]:
+        diffs = []
+        for out in results:
+            if name not in out:
+                raise KVAEError(f"{filename}: output {name!r} missing (got {sorted(out)})")
+            if out[name].shape != reference[name].shape:
+                raise KVAEError(f"{filename}: output {name!r} has shape {out[name].shape}, "
+                                f"Keras gives {reference[name].shape}")
+            if not np.all(np.isfinite(out[name])):
+                bad = int(np.sum(~np.isfinite(out[name])))
+                raise KVAEError(f"{filename}: self-check failed: {bad} of {out[name].size} values "
+                                f"of {name!r} are NaN or infinite (a weightless or broken export)")
+            diffs.append(np.abs(out[name].astype(np.float64) - reference[name]))
+        d = np.stack(diffs)
+        max_diff[name] = float(d.max())
+        mean_diff[name] = float(d.mean())
+        bound = TOLERANCE[precision][name]
+        mean_bound = MEAN_TOLERANCE.get(precision, {}).get(name)
+        if max_diff[name] > bound or (mean_bound is not None and mean_diff[name] > mean_bound):
+            raise KVAEError(f"{filename}: self-check failed: {name!r} differs from Keras by up to "
+                            f"{max_diff[name]:.3g} (mean {mean_diff[name]:.3g}); the bound for "
+                            f"{precision} is {bound:g}" + (f" (mean {mean_bound:g})" if mean_bound else ""))
+    return {"max_abs_diff": {k: float(f"{v:.3g}") for k, v in max_diff.items()},
+            "mean_abs_diff": {k: float(f"{v:.3g}") for k, v in mean_diff.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing, manifest and metadata
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def filename(half: str, precision: str, fmt: str) -> str:
+    """encoder.tflite, decoder.fp16.onnx, ... (DESIGN.md)."""
+    return f"{half}.{fmt}" if precision == "fp32" else f"{half}.{precision}.{fmt}"
+
+
+def io_spec(run: Run, half: str) -> tuple[list[dict], list[dict]]:
+    d, image = run.latent_dim, list(run.image_shape)
+    if half == "encoder":
+        inputs = [{"name": "x", "shape": ["batch", *image], "dtype": "float32"}]
+        outputs = [{"name": n, "shape": ["batch", d], "dtype": "float32"} for n in OUTPUTS[half]]
+    else:
+        inputs = [{"name": "z", "shape": ["batch", d], "dtype": "float32"}]
+        outputs = [{"name": "x_mean", "shape": ["batch", *image], "dtype": "float32"}]
+    return inputs, outputs
+
+
+def metadata(run: Run, half: str, precision: str) -> dict[str, str]:
+    """Key-value metadata stored inside each file (ONNX metadata_props; TFLite `kvae` buffer)."""
+    from kvae import __version__
+
+    return {"kvae_version": __version__, "half": half, "precision": precision,
+            "latent_dim": str(run.latent_dim), "image_shape": json.dumps(list(run.image_shape)),
+            "likelihood": run.likelihood, "sigma": repr(run.sigma), "pixel_range": PIXEL_RANGE}
+
+
+def preprocessing(run: Run) -> str:
+    mode = run.config.resolved_binarize
+    text = ("x: float32 (batch, H, W, C), channels last, pixel values in [0, 1] (uint8 / 255). ")
+    if mode == "dynamic":
+        text += ("The model was trained on binarized pixels (each pixel 1 with probability x); "
+                 "held-out checks use x binarized with a fixed seed. ")
+    elif mode == "static":
+        text += "The model was trained on pixels binarized at 0.5 (x > 0.5). "
+    text += ("z: float32 (batch, latent_dim); sample z ~ N(0, I), or z = loc + scale * eps with "
+             "eps ~ N(0, I), with the host's random numbers (no random ops in the files). "
+             f"x_mean: float32 in [0, 1], the {run.likelihood} mean of P(X|z).")
+    return text
+
+
+def manifest_header(run: Run) -> dict:
+    from kvae import __version__
+
+    return {"kvae_version": __version__, "latent_dim": run.latent_dim,
+            "image_shape": list(run.image_shape), "likelihood": run.likelihood, "sigma": run.sigma,
+            "preprocessing": preprocessing(run),
+            "source": {name: sha256(run.path / name) for name in ("encoder.keras", "decoder.keras")}}
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on out/.manifest.lock: both export scripts may run at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".manifest.lock", "a") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no lock
+            pass
+        yield
+
+
+def update_manifest(out: Path, header: dict, entries: dict[str, dict], removed: tuple = ()) -> dict:
+    """Merges `entries` into out/manifest.json (atomically, under a lock) and returns it.
+
+    Entries of files that no longer exist, or that were exported from other Keras files
+    (another training of this run), are dropped.
+    """
+    out = Path(out)
+    with _locked(out):
+        path = out / "manifest.json"
+        current = {}
+        if path.exists():
+            with contextlib.suppress(json.JSONDecodeError, OSError):
+                current = json.loads(path.read_text())
+        files = current.get("files", {}) if current.get("source") == header["source"] else {}
+        stale = sorted(set(current.get("files", {})) - set(files))
+        if stale:
+            log(f"kvae.export: dropped manifest entries from an older model: {', '.join(stale)} "
+                "(export again to refresh them)")
+        files.update(entries)
+        files = {name: entry for name, entry in sorted(files.items())
+                 if name not in removed and (out / name).exists()}
+        manifest = {**header, "files": files}
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _entry(path: Path, run: Run, half: str, fmt: str, precision: str, check: dict, **extra) -> dict:
+    inputs, outputs = io_spec(run, half)
+    entry = {"half": half, "format": fmt, "precision": precision, "sha256": sha256(path),
+             "size": path.stat().st_size, "inputs": inputs, "outputs": outputs}
+    if fmt == "onnx":
+        entry["opset"] = OPSET
+    entry.update(extra)
+    entry["parity"] = {**check, "inputs": run.parity_description(half)}
+    return entry
+
+
+@contextlib.contextmanager
+def _written(path: Path, data: bytes):
+    """Writes `data` under a temporary name next to `path`; renames it only if the block passes.
+
+    On failure the temporary file is removed and an older file under `path` too (it would not
+    match the run any more): nothing stays under the final name.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+            yield tmp
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# TFLite
+
+
+def _savedmodel(run: Run, half: str, folder: Path, fixed_batches: tuple[int, ...]) -> list[str]:
+    """Writes a SavedModel with `serving_default` (dynamic batch) and `batch<N>` signatures."""
+    import keras
+    import tensorflow as tf
+
+    model = run.encoder if half == "encoder" else run.decoder
+    shape = run.image_shape if half == "encoder" else (run.latent_dim,)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    keys = []
+    for batch in (None, *fixed_batches):
+        if half == "encoder":
+            def fn(x):
+                loc, scale = model(x, training=False)
+                return {"loc": loc, "scale": scale}
+        else:
+            def fn(z):
+                return {"x_mean": model(z, training=False)}
+        key = "serving_default" if batch is None else f"batch{batch}"
+        archive.add_endpoint(key, fn, input_signature=[
+            tf.TensorSpec((batch, *shape), tf.float32, name=INPUT[half])])
+        keys.append(key)
+    with _quiet():
+        archive.write_out(str(folder), verbose=False)
+    return keys
+
+
+def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration: np.ndarray,
+                  input_name: str) -> bytes:
+    """Converts a SavedModel to a .tflite flatbuffer, builtin ops only."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(savedmodel), signature_keys=keys)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]  # no Flex ops
+    if precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.float32  # float I/O; quantize inside
+        converter.inference_output_type = tf.float32
+
+        def representative():
+            for row in calibration:
+                for key in keys:
+                    yield key, {input_name: row[None]}
+
+        converter.representative_dataset = representative
+    try:
+        with _quiet():
+            return converter.convert()
+    except Exception as e:
+        raise KVAEError(f"TFLite conversion ({precision}) failed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[-1][:300]}") from None
+
+
+def add_tflite_metadata(data: bytes, values: dict[str, str]) -> bytes:
+    """Stores `values` as JSON in the flatbuffer's metadata table under the name `kvae`.
+
+    Read it without TensorFlow: `tflite_metadata(path)`.
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(values, sort_keys=True).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = "kvae"
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != b"kvae" and m.name != "kvae"]
+    model.metadata.append(entry)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def tflite_metadata(path: str | Path) -> dict[str, str]:
+    """The `kvae` metadata of a .tflite file (TensorFlow-free: ai_edge_litert's schema)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    buf = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(buf, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == b"kvae":
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return {}
+
+
+def _check_tflite(path: Path, run: Run, half: str, precision: str, keys: list[str], name: str) -> dict:
+    """Loads a written .tflite file in LiteRT and compares every signature with Keras."""
+    inputs = run.parity_inputs(half)
+    reference = run.keras_outputs(half, inputs)
+    results = []
+    try:
+        for key in keys:
+            runner = LiteRTRunner(path, key)
+            details = runner.runner.get_input_details()
+            if list(details) != [INPUT[half]]:
+                raise KVAEError(f"{name}: signature {key!r} takes {list(details)}, not [{INPUT[half]!r}]")
+            if key == "serving_default":
+                results.append(_batches(runner, INPUT[half], inputs, None))
+                results.append(_batches(runner, INPUT[half], inputs, 1))
+            else:
+                results.append(_batches(runner, INPUT[half], inputs, int(key[len("batch"):])))
+    except KVAEError:
+        raise
+    except Exception as e:  # LiteRT cannot load or run it
+        raise KVAEError(f"{name}: self-check failed: LiteRT cannot run it: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+    return parity(half, precision, reference, results, name)
+
+
+def export_tflite(run: str | Path | Run, out: str | Path | None = None,
+                  quantize: tuple[str, ...] = QUANTIZED,
+                  fixed_batches: tuple[int, ...] = FIXED_BATCHES) -> dict:
+    """Writes encoder/decoder .tflite files (float32 and `quantize` variants) and their manifest.
+
+    Args:
+      run: a run folder (or a loaded Run).
+      out: output folder (default RUN/export).
+      quantize: quantized variants besides float32: any of `fp16`, `int8`.
+      fixed_batches: batch sizes of the extra fixed-batch signatures `batch<N>` (fast path).
+
+    Returns:
+      The manifest (dict) after merging this export's entries.
+
+    Raises:
+      KVAEError: bad run, failed conversion, or a file that failed its self-check.
+    """
+    run = run if isinstance(run, Run) else load_run(run)
+    out = Path(out) if out else run.path / "export"
+    precisions = ("fp32", *[p for p in QUANTIZED if p in quantize])
+    fixed_batches = tuple(sorted({int(b) for b in fixed_batches if int(b) > 0}))
+    entries = {}
+    with tempfile.TemporaryDirectory(prefix="kvae-export-") as tmp:
+        for half in HALVES:
+            saved = Path(tmp) / half
+            keys = _savedmodel(run, half, saved, fixed_batches)
+            calibration = run.x_calibration if half == "encoder" else run.z_calibration
+            for precision in precisions:
+                started = time.perf_counter()
+                name = filename(half, precision, "tflite")
+                data = _tflite_bytes(saved, keys, precision, calibration, INPUT[half])
+                data = add_tflite_metadata(data, metadata(run, half, precision))
+                with _written(out / name, data) as path:
+                    check = _check_tflite(path, run, half, precision, keys, name)
+                    extra = {}
+                    if precision != "fp32":
+                        fast = "batch1" in keys  # row by row through XNNPACK: the fastest here
+                        extra = _nll_of_file(run, half, LiteRTRunner(path, "batch1" if fast else
+                                                                     "serving_default"), 1 if fast else 64)
+                    entry = _entry(path, run, half, "tflite", precision, check, batch="dynamic",
+                                   signatures={k: ("dynamic" if k == "serving_default" else int(k[5:]))
+                                               for k in keys}, **extra)
+                entries[name] = entry
+                log(_summary(name, entry, time.perf_counter() - started))
+    return update_manifest(out, manifest_header(run), entries)
+
+
+def _numpy_fn(runner, input_name: str, output: str, chunk: int = 64):
+    return lambda v: _batches(runner, input_name, v, chunk)[output]
+
+
+def _summary(name: str, entry: dict, seconds: float) -> str:
+    diff = ", ".join(f"{k} {v:.2g}" for k, v in entry["parity"]["max_abs_diff"].items())
+    text = f"kvae.export: wrote {name} ({entry['size'] / 1e6:.2f} MB): max abs diff vs Keras {diff}"
+    if "nll_delta" in entry:
+        text += f"; held-out NLL {entry['nll_delta']:+.3f} nats vs float32"
+    return text + f" [{seconds:.1f} s]"
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+
+
+def _onnx_model(run: Run, half: str):
+    """Keras half -> onnx.ModelProto (opset 17), I/O named by the contract, batch dim `batch`."""
+    import tensorflow as tf
+    import tf2onnx
+
+    model = run.encoder if half == "encoder" else run.decoder
+    shape = run.image_shape if half == "encoder" else (run.latent_dim,)
+    spec = [tf.TensorSpec((None, *shape), tf.float32, name=INPUT[half])]
+    if half == "encoder":
+        @tf.function(input_signature=spec)
+        def fn(x):
+            loc, scale = model(x, training=False)
+            return {"loc": loc, "scale": scale}
+    else:
+        @tf.function(input_signature=spec)
+        def fn(z):
+            return {"x_mean": model(z, training=False)}
+    try:
+        with _quiet():
+            proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
+    except Exception as e:
+        raise KVAEError(f"ONNX conversion of the {half} failed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[-1][:300]}") from None
+    return _contract_names(proto, half)
+
+
+def _contract_names(proto, half: str):
+    """Renames graph inputs/outputs to the contract's names and their batch dim to `batch`."""
+    graph = proto.graph
+    wanted_in, wanted_out = [INPUT[half]], list(OUTPUTS[half])
+    renames = {}
+    for values, wanted in ((graph.input, wanted_in), (graph.output, wanted_out)):
+        names = [v.name for v in values]
+        if len(names) != len(wanted):
+            raise KVAEError(f"ONNX {half} has I/O {names}, expected {wanted}")
+        for v, want in zip(values, wanted):
+            base = v.name.split(":")[0]
+            if base != want and v.name != want:
+                raise KVAEError(f"ONNX {half} has I/O {names}, expected {wanted}")
+            if v.name != want:
+                renames[v.name] = want
+                v.name = want
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    batch_params = set()
+    for v in (*graph.input, *graph.output):
+        dim = v.type.tensor_type.shape.dim[0]
+        if dim.dim_param:
+            batch_params.add(dim.dim_param)
+        dim.Clear()
+        dim.dim_param = "batch"
+    for v in graph.value_info:
+        for dim in v.type.tensor_type.shape.dim:
+            if dim.dim_param in batch_params:
+                dim.dim_param = "batch"
+    return proto
+
+
+def fp16_weights(proto, min_size: int = 16):
+    """Stores float32 initializers of >= min_size values as float16, each followed by a Cast.
+
+    Inputs, outputs and arithmetic stay float32 (onnxruntime folds the Casts when it loads the
+    file), so the file is about half the size and runs on every build; the error is float16
+    rounding of the weights (like TFLite's float16 quantization on CPU).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    casts, keep = [], []
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and int(np.prod(init.dims)) >= min_size:
+            values = numpy_helper.to_array(init)
+            half = numpy_helper.from_array(values.astype(np.float16), init.name + "_fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT,
+                                          name=init.name + "_to_fp32"))
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    return proto
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over rows of calibration data (batch 1 each)."""
+
+    def __init__(self, name: str, rows: np.ndarray):
+        self.name, self.rows, self.i = name, rows, 0
+
+    def get_next(self):
+        if self.i >= len(self.rows):
+            return None
+        self.i += 1
+        return {self.name: self.rows[self.i - 1:self.i]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folder: Path):
+    """int8 ONNX: `static` (QDQ, calibrated) or `dynamic` (weights int8, activations at run time)."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_dynamic, quantize_static)
+
+    src = folder / f"{half}.fp32.onnx"
+    pre = folder / f"{half}.pre.onnx"
+    dst = folder / f"{half}.{method}.onnx"
+    onnx.save(proto, src)
+    with _quiet():
+        quant_pre_process(src, pre, skip_symbolic_shape=False)
+        if method == "static":
+            reader = type("Reader", (_Reader, CalibrationDataReader), {})(INPUT[half], calibration)
+            quantize_static(pre, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        else:
+            quantize_dynamic(pre, dst, weight_type=QuantType.QUInt8, per_channel=False)
+    return onnx.load(dst)
+
+
+def _finish_onnx(proto, run: Run, half: str, precision: str, method: str | None = None):
+    """Sets metadata_props, producer and doc string on a finished model."""
+    del proto.metadata_props[:]
+    values = metadata(run, half, precision)
+    if method:
+        values["quantization"] = method
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "kvae"
+    from kvae import __version__
+
+    proto.producer_version = __version__
+    proto.doc_string = (f"kvae {half} ({precision}): " +
+                        ("x (batch, H, W, C) in [0, 1] -> loc, scale (batch, latent_dim)"
+                         if half == "encoder" else "z (batch, latent_dim) -> x_mean (batch, H, W, C)"))
+    return proto
+
+
+def _check_onnx(path: Path, run: Run, half: str, precision: str, name: str) -> dict:
+    """onnx.checker (full) then onnxruntime vs Keras, at batch 64 and batch 1."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        raise KVAEError(f"{name}: self-check failed: onnx.checker: "
+                        f"{str(e).strip().splitlines()[0][:300]}") from None
+    inputs = run.parity_inputs(half)
+    reference = run.keras_outputs(half, inputs)
+    try:
+        runner = ORTRunner(path)
+        results = [_batches(runner, INPUT[half], inputs, None), _batches(runner, INPUT[half], inputs, 1)]
+    except Exception as e:
+        raise KVAEError(f"{name}: self-check failed: onnxruntime cannot run it: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+    return parity(half, precision, reference, results, name)
+
+
+def export_onnx(run: str | Path | Run, out: str | Path | None = None,
+                quantize: tuple[str, ...] = QUANTIZED) -> dict:
+    """Writes encoder/decoder .onnx files (float32 and `quantize` variants) and their manifest.
+
+    int8: static QDQ and dynamic quantization are both built and measured; the one with the
+    lower held-out NLL (decoder; encoder: with the float32 decoder) is written, and the manifest
+    records both numbers under "int8_candidates".
+
+    Args:
+      run: a run folder (or a loaded Run).
+      out: output folder (default RUN/export).
+      quantize: quantized variants besides float32: any of `fp16`, `int8`.
+
+    Returns:
+      The manifest (dict) after merging this export's entries.
+
+    Raises:
+      KVAEError: bad run, failed conversion, or a file that failed its self-check.
+    """
+    import onnx
+
+    run = run if isinstance(run, Run) else load_run(run)
+    out = Path(out) if out else run.path / "export"
+    precisions = ("fp32", *[p for p in QUANTIZED if p in quantize])
+    entries = {}
+    with tempfile.TemporaryDirectory(prefix="kvae-export-") as tmp:
+        for half in HALVES:
+            fp32 = _onnx_model(run, half)
+            calibration = run.x_calibration if half == "encoder" else run.z_calibration
+            for precision in precisions:
+                started = time.perf_counter()
+                name = filename(half, precision, "onnx")
+                extra, method = {}, None
+                if precision == "fp32":
+                    proto = onnx.ModelProto.FromString(fp32.SerializeToString())
+                elif precision == "fp16":
+                    proto = fp16_weights(onnx.ModelProto.FromString(fp32.SerializeToString()))
+                else:
+                    proto, method, extra = _best_int8(fp32, run, half, calibration, Path(tmp))
+                proto = _finish_onnx(proto, run, half, precision, method)
+                with _written(out / name, proto.SerializeToString()) as path:
+                    check = _check_onnx(path, run, half, precision, name)
+                    if precision == "fp16":
+                        extra = _nll_of_file(run, half, ORTRunner(path), 256)
+                    entry = _entry(path, run, half, "onnx", precision, check, batch="dynamic", **extra)
+                entries[name] = entry
+                log(_summary(name, entry, time.perf_counter() - started))
+    return update_manifest(out, manifest_header(run), entries)
+
+
+def _best_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path):
+    """Builds static-QDQ and dynamic int8 models; keeps the one with the lower held-out NLL."""
+    candidates = {}
+    for method in ("static", "dynamic"):
+        try:
+            proto = _quantize_onnx(fp32, half, method, calibration, folder)
+        except Exception as e:  # one method may not support an op; the other may
+            candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+            continue
+        path = folder / f"{half}.{method}.checked.onnx"
+        path.write_bytes(proto.SerializeToString())
+        try:
+            result = _nll_of_file(run, half, ORTRunner(path), 256)
+        except Exception as e:
+            candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+            continue
+        candidates[method] = {"proto": proto, **result}
+    ok = {m: c for m, c in candidates.items() if "proto" in c}
+    if not ok:
+        raise KVAEError(f"ONNX int8 quantization of the {half} failed: " +
+                        "; ".join(f"{m}: {c['error']}" for m, c in candidates.items()))
+    method = min(ok, key=lambda m: ok[m]["nll_delta"])
+    summary = {m: ({"nll_delta": c["nll_delta"], "size": len(c["proto"].SerializeToString())}
+                   if "proto" in c else {"error": c["error"]}) for m, c in candidates.items()}
+    chosen = ok[method]
+    extra = {"quantization": method, "int8_candidates": summary,
+             "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
+    return chosen["proto"], method, extra
