@@ -110,7 +110,7 @@ class _Session:
     """
 
     def __init__(self, path: Path, threads: int | None = None, xnnpack: bool = True,
-                 max_batch: int = 256):
+                 max_batch: int = 256, prefer_fixed: bool = True):
         self.path = Path(path)
         self.format = FORMATS.get(self.path.suffix.lower())
         if self.format is None:
@@ -125,6 +125,7 @@ class _Session:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise RuntimeInputError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
+        self.prefer_fixed = prefer_fixed
         if self.format == "onnx":
             self._open_onnx(threads)
         else:
@@ -175,71 +176,146 @@ class _Session:
         if "serving_default" not in signatures:
             raise RuntimeInputError(f"{self.path} has no 'serving_default' signature (found: "
                                     f"{', '.join(signatures) or 'none'}); export it with export/to_tflite.py")
-        try:
-            self._runner = self._interpreter.get_signature_runner("serving_default")
-            in_details = self._runner.get_input_details()
-            out_details = self._runner.get_output_details()
-        except Exception as e:  # e.g. an op this LiteRT build lacks (Flex ops)
-            raise RuntimeInputError(f"cannot run {self.path} in LiteRT: {_first_line(e)}") from None
 
         def spec(d):
             signature = d.get("shape_signature", d["shape"])
             return tuple(int(s) if s >= 0 else None for s in signature), np.dtype(d["dtype"]).type
 
-        self.inputs = {name: spec(d) for name, d in in_details.items()}
-        self.outputs = {name: spec(d) for name, d in out_details.items()}
+        # serving_default, plus the fixed-batch fast paths `batch<N>` (XNNPACK runs a fixed-shape
+        # Conv2DTranspose much faster) when their names and inner shapes match serving_default's
+        self._runners, self._quant = {}, {}
+        for key in ["serving_default", *sorted(k for k in signatures if k != "serving_default")]:
+            try:
+                runner = self._interpreter.get_signature_runner(key)
+                in_details, out_details = runner.get_input_details(), runner.get_output_details()
+            except Exception as e:  # e.g. an op this LiteRT build lacks (Flex ops)
+                raise RuntimeInputError(f"cannot run {self.path} in LiteRT: {_first_line(e)}") from None
+            inputs = {name: spec(d) for name, d in in_details.items()}
+            outputs = {name: spec(d) for name, d in out_details.items()}
+            if key == "serving_default":
+                self.inputs, self.outputs = inputs, outputs
+            elif not (key.startswith("batch") and key[5:].isdigit() and _same_but_batch(
+                    (inputs, outputs), (self.inputs, self.outputs), int(key[5:]))):
+                continue  # some other signature: not ours to call
+            batch = _batch_of(inputs)
+            self._runners[batch] = runner
+            self._quant[batch] = {name: d["quantization"] for name, d in {**in_details, **out_details}.items()
+                                  if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0]}
         self.metadata = {}
-        self._quant = {name: d["quantization"] for name, d in {**in_details, **out_details}.items()
-                       if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0]}
+
+    def read_metadata(self) -> dict[str, str]:
+        """kvae's key/value metadata stored in the file (ONNX metadata_props, TFLite `kvae`)."""
+        if self.format == "onnx":
+            return self.metadata
+        try:
+            from ai_edge_litert import schema_py_generated as schema
+
+            model = schema.Model.GetRootAs(self.path.read_bytes(), 0)
+            for i in range(model.MetadataLength()):
+                entry = model.Metadata(i)
+                if entry.Name() == b"kvae":
+                    values = json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+                    return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+        except Exception:  # no schema module or unreadable metadata: fall back to the shapes
+            return {}
+        return {}
+
+    @property
+    def batches(self) -> list[int | None]:
+        """Batch sizes the file takes: None for a dynamic batch, ints for fixed-batch signatures."""
+        if self.format == "onnx":
+            return [_batch_of(self.inputs)]
+        return list(self._runners)
 
     @property
     def fixed_batch(self) -> int | None:
-        """The batch size a static-batch file was exported with (None: any batch)."""
-        batch = {shape[0] for shape, _ in self.inputs.values() if shape}
-        return next(iter(batch)) if len(batch) == 1 and None not in batch else None
+        """The batch size of a static-batch file (None: it takes any batch)."""
+        return None if None in self.batches else min(self.batches)
+
+    def plan(self, n: int) -> list[tuple[int, int, int | None]]:
+        """(start, rows, signature batch) per runtime call for n rows.
+
+        A fixed-batch signature that fits takes the rows (TFLite `batch1` row by row: faster than
+        the dynamic signature for the conv decoder under XNNPACK, see kvae/export.py), then the
+        dynamic signature in chunks of max_batch; a file with fixed batches only gets its last
+        chunk padded.
+        """
+        fixed = sorted((b for b in self.batches if b is not None), reverse=True)
+        dynamic = None in self.batches
+        calls, start = [], 0
+        while start < n:
+            left = n - start
+            usable = [b for b in fixed if b <= left and (not dynamic or self.prefer_fixed or b == left)]
+            if usable:
+                rows, key = usable[0], usable[0]
+            elif dynamic:
+                rows, key = min(left, self.max_batch), None
+            else:  # a static-batch file: pad the last chunk to the smallest batch that covers it
+                key = min((b for b in fixed if b >= left), default=fixed[0])
+                rows = min(left, key)
+            calls.append((start, rows, key))
+            start += rows
+        return calls
 
     def run(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         """Runs float32 `feeds` (same first dim) through the model in chunks; float32 outputs."""
         n = len(next(iter(feeds.values())))
-        fixed = self.fixed_batch
-        step = fixed or self.max_batch
         parts: dict[str, list] = {name: [] for name in self.outputs}
-        for start in range(0, n, step):
-            chunk = {name: value[start:start + step] for name, value in feeds.items()}
-            rows = len(next(iter(chunk.values())))
-            if fixed and rows < fixed:  # pad the last chunk of a static-batch file
-                chunk = {name: np.concatenate([v, np.zeros((fixed - rows, *v.shape[1:]), v.dtype)])
+        for start, rows, key in self.plan(n):
+            chunk = {name: value[start:start + rows] for name, value in feeds.items()}
+            if key is not None and rows < key:  # pad the last chunk of a static-batch file
+                chunk = {name: np.concatenate([v, np.zeros((key - rows, *v.shape[1:]), v.dtype)])
                          for name, v in chunk.items()}
-            for name, value in self._call(chunk).items():
+            for name, value in self._call(chunk, key).items():
                 parts[name].append(value[:rows])
         return {name: np.concatenate(p) for name, p in parts.items()}
 
-    def _call(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {name: self._to_input(name, value) for name, value in feeds.items()}
+    def _call(self, feeds: dict[str, np.ndarray], key: int | None) -> dict[str, np.ndarray]:
+        quant = self._quant.get(key, {})
+        feeds = {name: _to_input(value, self.inputs[name][1], quant.get(name))
+                 for name, value in feeds.items()}
         if self.format == "onnx":
             values = self._session.run(list(self.outputs), feeds)
             result = dict(zip(self.outputs, values))
         else:
             try:
-                result = self._runner(**feeds)
+                result = self._runners[key](**feeds)
             except Exception as e:  # e.g. "failed to reshape" for batches the file cannot take
                 raise RuntimeInputError(f"{self.path}: LiteRT failed on a batch of "
                                         f"{len(next(iter(feeds.values())))}: {_first_line(e)}") from None
-        return {name: self._from_output(name, value) for name, value in result.items()}
+        return {name: _from_output(value, quant.get(name)) for name, value in result.items()}
 
-    def _to_input(self, name, value):
-        dtype = self.inputs[name][1]
-        if name in self._quant:  # full-integer TFLite: quantize with the file's scale / zero point
-            scale, zero = self._quant[name]
-            info = np.iinfo(dtype)
-            return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
-        return np.ascontiguousarray(value, dtype=dtype)
 
-    def _from_output(self, name, value):
-        if name in self._quant:
-            scale, zero = self._quant[name]
-            return ((value.astype(np.float32) - zero) * scale).astype(np.float32)
-        return np.asarray(value, dtype=np.float32)
+def _batch_of(specs: dict) -> int | None:
+    """The common first dim of the inputs (None: dynamic or mixed)."""
+    batch = {shape[0] if shape else None for shape, _ in specs.values()}
+    return batch.pop() if len(batch) == 1 else None
+
+
+def _same_but_batch(signature, reference, batch: int) -> bool:
+    """Same names, dtypes and inner shapes as `reference`, first dim `batch` everywhere."""
+    for specs, ref in zip(signature, reference):
+        if set(specs) != set(ref):
+            return False
+        for name, (shape, dtype) in specs.items():
+            if shape[:1] != (batch,) or shape[1:] != ref[name][0][1:] or dtype != ref[name][1]:
+                return False
+    return True
+
+
+def _to_input(value: np.ndarray, dtype, quant) -> np.ndarray:
+    if quant:  # integer inputs (full-integer TFLite): quantize with the file's scale / zero point
+        scale, zero = quant
+        info = np.iinfo(dtype)
+        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
+    return np.ascontiguousarray(value, dtype=dtype)
+
+
+def _from_output(value: np.ndarray, quant) -> np.ndarray:
+    if quant:
+        scale, zero = quant
+        return ((value.astype(np.float32) - zero) * scale).astype(np.float32)
+    return np.asarray(value, dtype=np.float32)
 
 
 def _first_line(e: BaseException) -> str:
@@ -256,13 +332,14 @@ class _Half:
     half = ""
 
     def __init__(self, path: str | Path, threads: int | None = None, xnnpack: bool = True,
-                 verify: bool = False, max_batch: int = 256, likelihood: str | None = None,
-                 sigma: float | None = None):
+                 verify: bool = False, max_batch: int = 256, prefer_fixed: bool = True,
+                 likelihood: str | None = None, sigma: float | None = None):
         path = resolve(path, self.half)
         manifest, entry = read_manifest(path)
         if verify:
             _verify(path, entry)
-        self.session = _Session(path, threads=threads, xnnpack=xnnpack, max_batch=max_batch)
+        self.session = _Session(path, threads=threads, xnnpack=xnnpack, max_batch=max_batch,
+                                prefer_fixed=prefer_fixed)
         self.path = path
         inputs, outputs = SIGNATURES[self.half]
         found_in, found_out = tuple(self.session.inputs), tuple(self.session.outputs)
@@ -275,7 +352,7 @@ class _Half:
                 f"{path} is not a kvae {self.half}: it has inputs {list(found_in)} and outputs "
                 f"{list(found_out)}; expected {list(inputs)} -> {list(outputs)} (export/to_onnx.py, "
                 "export/to_tflite.py)")
-        meta = self.session.metadata
+        meta = {} if manifest else self.session.read_metadata()
         self.info = _describe(manifest, entry, meta, self.session, self.half)
         if likelihood is not None:
             self.info["likelihood"] = likelihood
@@ -313,7 +390,7 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: _Session,
         info = {key: manifest.get(key) for key in ("latent_dim", "image_shape", "likelihood", "sigma")}
         info["precision"] = (entry or {}).get("precision", "fp32")
     elif "latent_dim" in meta:
-        source = "ONNX metadata"
+        source = f"{session.format.upper() if session.format == 'onnx' else 'TFLite'} metadata"
         try:
             info = {"latent_dim": int(meta["latent_dim"]),
                     "image_shape": json.loads(meta.get("image_shape", "null")),
@@ -361,6 +438,8 @@ class Decoder(_Half):
       xnnpack: TFLite only: use the XNNPACK delegate (default on).
       verify: check the file's sha256 against manifest.json before opening it.
       max_batch: rows per runtime call (larger batches are chunked).
+      prefer_fixed: TFLite files with fixed-batch signatures (`batch1`, the exporter's fast path):
+        feed rows through them (row by row for `batch1`) rather than the dynamic signature.
       likelihood, sigma: override the manifest's (needed for log_likelihood without a manifest).
 
     Raises:
