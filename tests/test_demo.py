@@ -1,0 +1,475 @@
+"""The mobile demo: `python -m kvae.demo` (server rules) and the web app in a real headless browser.
+
+The browser tests drive Debian's Chromium (/usr/bin/chromium) with playwright on a phone viewport
+with touch emulation, against the `trained_run("conv")` run exported by export/to_onnx.py, and
+compare what the page computes with onnxruntime-python on the same inputs. Nothing is installed or
+downloaded here: .ci/run installs chromium (apt) and runs `npm ci` in mobile_demo/. Without them
+the browser tests skip locally and FAIL on CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, REQUIRED_EXPORTS, main, make_server
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [  # TOOLCHAIN.md: quiet, offline, no GPU; playwright adds --headless itself
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+PHONE = dict(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+             has_touch=True)
+TOL = 1e-4  # page (onnxruntime-web, wasm) vs onnxruntime-python on the same file and input
+
+
+# ---------------------------------------------------------------- the server, on fake folders
+@pytest.fixture
+def served(tmp_path):
+    """A server on a free port over a small fake app and export folder; yields (conn(), folders)."""
+    app = tmp_path / "site" / "app"
+    dist = app / ORT_DIST
+    dist.mkdir(parents=True)
+    export = tmp_path / "site" / "run" / "export"
+    export.mkdir(parents=True)
+    (tmp_path / "site" / "secret.txt").write_text("SECRET-OUTSIDE")
+    (tmp_path / "secret.txt").write_text("SECRET-OUTSIDE")
+    files = {
+        app / "index.html": b"<!doctype html><title>demo</title>",
+        app / "app.js": b"export const x = 1;",
+        app / "style.css": b"body {}",
+        app / "package.json": b"{}",
+        dist / ORT_ENTRY: b"export {};",
+        dist / "ort-wasm-simd-threaded.mjs": b"export {};",
+        dist / "ort-wasm-simd-threaded.wasm": b"\0asm\1\0\0\0",
+        export / "manifest.json": b'{"latent_dim": 2, "image_shape": [28, 28, 1], "files": {}}',
+        export / "encoder.onnx": b"onnx-encoder",
+        export / "decoder.onnx": b"onnx-decoder",
+        export / "decoder.tflite": b"tflite-decoder",
+        export / ".tmp-123-decoder.onnx": b"half-written",
+    }
+    for path, data in files.items():
+        path.write_bytes(data)
+    (export / "escape.onnx").symlink_to(tmp_path / "secret.txt")
+    (export / "sub").mkdir()
+    (export / "sub" / "a.json").write_text("{}")
+
+    server = make_server(export.parent, port=0, app_dir=app, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+
+    def get(path: str, method: str = "GET"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(method, path)  # http.client sends the path as is: no "..", "%2e" clean-up
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        return response, body
+
+    yield get, {"app": app, "export": export, "dist": dist, "port": port, "files": files}
+    server.shutdown()
+    server.server_close()
+
+
+def test_server_listens_on_localhost_by_default(served):
+    _, folders = served
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    server = make_server(folders["export"].parent, port=0, app_dir=folders["app"], quiet=True)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+
+
+@pytest.mark.parametrize("path, mime", [
+    ("/", "text/html"),
+    ("/index.html", "text/html"),
+    ("/app.js", "text/javascript"),
+    ("/style.css", "text/css"),
+    (f"/ort/{ORT_ENTRY}", "text/javascript"),
+    ("/ort/ort-wasm-simd-threaded.mjs", "text/javascript"),
+    ("/ort/ort-wasm-simd-threaded.wasm", "application/wasm"),
+    ("/export/decoder.onnx", "application/octet-stream"),
+    ("/export/manifest.json", "application/json"),
+    ("/export/decoder.tflite", "application/octet-stream"),
+    ("/export/decoder.onnx?v=2", "application/octet-stream"),
+])
+def test_server_serves_files_with_their_mime_type(served, path, mime):
+    get, folders = served
+    response, body = get(path)
+    assert response.status == 200
+    assert response.getheader("Content-Type").split(";")[0] == mime
+    name = path.split("?")[0].rsplit("/", 1)[-1] or "index.html"
+    expected = next(data for p, data in folders["files"].items() if p.name == name)
+    assert body == expected
+    assert int(response.getheader("Content-Length")) == len(expected)
+    head, head_body = get(path, method="HEAD")
+    assert head.status == 200 and head_body == b""
+    assert int(head.getheader("Content-Length")) == len(expected)
+
+
+@pytest.mark.parametrize("path", [
+    "/../secret.txt",
+    "/../../secret.txt",
+    "/export/../../secret.txt",
+    "/export/../../../secret.txt",
+    "/ort/../../../../secret.txt",
+    "/%2e%2e/secret.txt",
+    "/%2E%2E/%2e%2e/secret.txt",
+    "/export/%2e%2e/%2e%2e/secret.txt",
+    "/export/..%2f..%2fsecret.txt",
+    "/export/%2e%2e%2f%2e%2e%2fsecret.txt",
+    "/%2e%2e%5csecret.txt",
+    "/export/..\\..\\secret.txt",
+    "/export/escape.onnx",  # a symlink that points out of the export folder
+    "/export/.tmp-123-decoder.onnx",  # a file being written
+    "/export/%2etmp-123-decoder.onnx",
+    "//secret.txt",
+    "/export//secret.txt",
+    "/./index.html",
+    "/index.html%00.png",
+    "/%ff%fe",
+    "/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs",  # the app's own node_modules
+])
+def test_server_refuses_paths_out_of_its_folders(served, path):
+    get, _ = served
+    response, body = get(path)
+    assert response.status in (400, 403, 404), path
+    assert b"SECRET" not in body and b"half-written" not in body and b"export {}" not in body
+
+
+@pytest.mark.parametrize("path", ["/export/", "/export", "/ort/", "/ort", "/export/sub/",
+                                  "/node_modules/", "/%2e/"])
+def test_server_lists_no_directories(served, path):
+    get, _ = served
+    response, body = get(path)
+    assert response.status in (403, 404), path
+    for name in (b"manifest.json", b"decoder.onnx", b"ort-wasm", b"a.json", b"<li>"):
+        assert name not in body
+
+
+def test_server_only_reads(served):
+    get, _ = served
+    for method in ("POST", "PUT", "DELETE"):
+        response, _ = get("/export/decoder.onnx", method=method)
+        assert response.status == 501
+
+
+def test_server_answers_while_another_client_hangs(served):
+    """Threaded: a phone that opened a connection and went quiet must not block the others."""
+    get, folders = served
+    with socket.create_connection(("127.0.0.1", folders["port"]), timeout=10) as hung:
+        hung.sendall(b"GET /export/decoder.onnx HTTP/1.1\r\nHost: x\r\n")  # no blank line: waits
+        start = time.monotonic()
+        response, body = get("/export/manifest.json")
+        assert response.status == 200 and json.loads(body)["latent_dim"] == 2
+        assert time.monotonic() - start < 5
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, served):
+    _, folders = served
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a folder" in err
+
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "export/to_onnx.py" in err and "decoder.onnx" in err
+
+    # The port the fixture's server holds.
+    with pytest.raises(SystemExit):
+        main([str(folders["export"].parent), "--port", str(folders["port"])])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "in use" in err and "--port" in err
+
+
+# ---------------------------------------------------------------- the app in Chromium
+def require_browser():
+    """Skips (locally) or fails (CI=true) with what to install when the browser tools are missing."""
+    missing = []
+    if not CHROMIUM.is_file():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if not (APP_DIR / ORT_DIST / ORT_ENTRY).is_file():
+        missing.append(f"onnxruntime-web (cd {APP_DIR} && npm ci)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append('the playwright Python package (pip install -e ".[test]")')
+    if missing:
+        message = "the mobile demo's browser test needs " + " and ".join(missing)
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; .ci/run installs them")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def demo_run(trained_run, tmp_path_factory):
+    """The conv test run exported by the real exporter (export/to_onnx.py: float32, fp16, int8).
+
+    Exported into a folder of its own (`--out`), so other tests' exports cannot change it.
+    """
+    run = trained_run("conv")
+    demo = tmp_path_factory.mktemp("demo-run")
+    subprocess.run([sys.executable, str(REPO / "export" / "to_onnx.py"), str(run),
+                    "--out", str(demo / "export")], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    return demo
+
+
+class Onnx:
+    """onnxruntime-python sessions on the run's exported files: the reference the page must match."""
+
+    def __init__(self, export_dir: Path):
+        import onnxruntime as ort
+
+        self.folder = export_dir
+        self.manifest = json.loads((export_dir / "manifest.json").read_text())
+        self.latent_dim = self.manifest["latent_dim"]
+        self.shape = tuple(self.manifest["image_shape"])
+        self.sessions = {f: ort.InferenceSession(str(export_dir / f), providers=["CPUExecutionProvider"])
+                         for f in ("encoder.onnx", "decoder.onnx")}
+
+    def decode(self, z, file: str = "decoder.onnx") -> np.ndarray:
+        z = np.asarray(z, np.float32).reshape(-1, self.latent_dim)
+        return self.sessions[file].run(["x_mean"], {"z": z})[0]
+
+    def encode(self, x):
+        x = np.asarray(x, np.float32).reshape(-1, *self.shape)
+        return self.sessions["encoder.onnx"].run(["loc", "scale"], {"x": x})
+
+
+@pytest.fixture(scope="module")
+def browser_page(demo_run, tmp_path_factory):
+    """A phone-sized, touch-enabled Chromium page on the demo; yields (page, problems, onnx, cdp).
+
+    `problems` collects console errors, uncaught exceptions and failed requests for the whole module.
+    """
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    server = make_server(demo_run, port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    problems: list[str] = []
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),  # a fresh --user-data-dir
+            executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True, **PHONE)
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(60_000)
+            page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
+            page.goto(url)
+            page.wait_for_function("window.kvae !== undefined")
+            page.evaluate("window.kvae.ready")
+            yield page, problems, Onnx(demo_run / "export"), context.new_cdp_session(page)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=str(ARTIFACTS / "demo_phone.png"), full_page=True)
+        finally:
+            context.close()
+            server.shutdown()
+            server.server_close()
+
+
+def canvas_pixels(page, selector: str) -> np.ndarray:
+    """The canvas's own pixels (its width x height, not CSS pixels), RGB uint8."""
+    data = page.evaluate(f"""() => {{
+        const c = document.querySelector({selector!r});
+        return {{w: c.width, h: c.height,
+                 rgba: Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data)}};
+    }}""")
+    return np.array(data["rgba"], np.uint8).reshape(data["h"], data["w"], 4)[..., :3]
+
+
+def touch_stroke(cdp, points):
+    """One finger down on points[0], moved through points, lifted: real touch events in Chromium."""
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": points[0][0], "y": points[0][1]}]})
+    for x, y in points[1:]:
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+def polyline(box, corners, steps=12):
+    """Canvas-relative corners (0..1) -> viewport points along the lines between them."""
+    points = []
+    for (u0, v0), (u1, v1) in zip(corners, corners[1:]):
+        for t in np.linspace(0, 1, steps, endpoint=False):
+            u, v = u0 + t * (u1 - u0), v0 + t * (v1 - v0)
+            points.append((box["x"] + u * box["width"], box["y"] + v * box["height"]))
+    u, v = corners[-1]
+    points.append((box["x"] + u * box["width"], box["y"] + v * box["height"]))
+    return points
+
+
+@pytest.mark.slow
+def test_page_loads_on_a_phone_without_errors(browser_page):
+    page, problems, onnx, _ = browser_page
+    status = page.text_content("#status")
+    assert status.startswith("Ready"), status
+    assert f"latent_dim {onnx.latent_dim}" in status
+    assert page.evaluate("window.innerWidth") == 390  # the phone layout, not a desktop one
+    assert page.evaluate("matchMedia('(pointer: coarse)').matches")  # touch emulation is on
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing overflows sideways
+    sliders = page.locator("#sliders input[type=range]")
+    assert sliders.count() == min(onnx.latent_dim, 16)
+    assert page.locator("#pad").is_hidden() == (onnx.latent_dim != 2)
+    assert "ms/call" in page.text_content("#perf")
+    assert float(page.get_attribute("#perf", "data-last-ms")) >= 0
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_seeded_sample_matches_onnxruntime_python(browser_page):
+    page, problems, onnx, _ = browser_page
+    page.fill("#seed", "1234")
+    page.press("#seed", "Enter")
+    page.wait_for_function("window.kvae.state.sample.seed === 1234")
+    sample = page.evaluate("""() => { const s = window.kvae.state.sample;
+        return {seed: s.seed, n: s.n, z: Array.from(s.z), x: Array.from(s.x)}; }""")
+    n, L = sample["n"], onnx.latent_dim
+    z = np.array(sample["z"], np.float32).reshape(n, L)
+    x_page = np.array(sample["x"], np.float32).reshape(n, *onnx.shape)
+    x_python = onnx.decode(z)
+    assert np.abs(x_page - x_python).max() <= TOL
+    # z really is N(0, I) from the seed: reproducible, seed-dependent, standard normal.
+    assert page.evaluate(f"Array.from(window.kvae.sampleZ(1234, {n * L}))") == sample["z"]
+    many = np.array(page.evaluate("Array.from(window.kvae.sampleZ(7, 20000))"))
+    assert abs(many.mean()) < 0.03 and abs(many.std() - 1) < 0.03
+    # What is on screen is what was decoded (grid of n images, 8-bit rounding).
+    H, W, C = onnx.shape
+    cols = round(n ** 0.5)
+    grid = canvas_pixels(page, "#grid").astype(int)
+    tiles = x_python.reshape(cols, cols, H, W, C).transpose(0, 2, 1, 3, 4).reshape(cols * H, cols * W, C)
+    assert np.abs(grid[..., :C] - np.round(255 * tiles)).max() <= 1
+    # Re-sample moves to the next seed.
+    page.click("#resample")
+    page.wait_for_function("window.kvae.state.sample.seed === 1235")
+    z_next = page.evaluate("Array.from(window.kvae.state.sample.z)")
+    assert z_next == page.evaluate(f"Array.from(window.kvae.sampleZ(1235, {n * L}))") != sample["z"]
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_touch_drawing_is_encoded_and_reconstructed(browser_page):
+    page, problems, onnx, cdp = browser_page
+    pen = page.locator("#pen")
+    pen.evaluate("el => el.scrollIntoView({block: 'center'})")  # all of it in the viewport
+    box = pen.bounding_box()
+    version = page.evaluate("window.kvae.state.draw.version")
+    touch_stroke(cdp, polyline(box, [(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)]))  # a "7"
+    page.evaluate("window.kvae.settled()")
+    draw = page.evaluate("""() => { const d = window.kvae.state.draw;
+        return {version: d.version, x: d.x && Array.from(d.x), loc: d.loc && Array.from(d.loc),
+                scale: d.scale && Array.from(d.scale), recon: d.recon && Array.from(d.recon)}; }""")
+    assert draw["version"] > version and draw["x"] is not None, "the touch stroke was not encoded"
+    H, W, C = onnx.shape
+    x = np.array(draw["x"], np.float32).reshape(1, H, W, C)
+    assert 0 <= x.min() and x.max() <= 1 and 10 < x.sum() < 0.5 * H * W * C  # a stroke, not a blob
+    loc, scale = np.array(draw["loc"], np.float32), np.array(draw["scale"], np.float32)
+    assert loc.shape == scale.shape == (onnx.latent_dim,) and (scale > 0).all()
+    loc_python, scale_python = onnx.encode(x)
+    assert np.abs(loc - loc_python[0]).max() <= TOL
+    assert np.abs(scale - scale_python[0]).max() <= TOL
+    recon = np.array(draw["recon"], np.float32).reshape(1, H, W, C)
+    assert np.abs(recon - onnx.decode(loc)).max() <= TOL
+    assert recon.std() > 0.01  # an image, not a flat field
+    # Shown on the page: input and reconstruction painted, loc / scale listed.
+    assert canvas_pixels(page, "#draw-input").max() > 100
+    assert canvas_pixels(page, "#draw-recon").max() > 50
+    rows = page.locator("#posterior tbody tr")
+    assert rows.count() == min(onnx.latent_dim, 16)
+    cells = rows.nth(0).locator("td").all_text_contents()
+    assert cells == ["z1", f"{loc[0]:.2f}", f"{scale[0]:.2f}"] or (
+        float(cells[1]) == pytest.approx(loc[0], abs=0.006) and float(cells[2]) == pytest.approx(scale[0], abs=0.006))
+    # The drawing becomes interpolation end A: the strip starts at its reconstruction.
+    page.click("#a-from-draw")
+    page.wait_for_function("window.kvae.state.slots.a[0] === window.kvae.state.draw.loc[0]")
+    page.evaluate("window.kvae.settled()")
+    interp = page.evaluate("""() => ({z: Array.from(window.kvae.state.interp.z),
+                                      x: Array.from(window.kvae.state.interp.x)})""")
+    z_interp = np.array(interp["z"], np.float32).reshape(-1, onnx.latent_dim)
+    np.testing.assert_allclose(z_interp[0], loc, atol=1e-6)
+    assert np.abs(np.array(interp["x"]).reshape(-1, H, W, C) - onnx.decode(z_interp)).max() <= TOL
+    # Clear empties it again.
+    page.click("#pen-clear")
+    assert page.evaluate("window.kvae.state.draw.loc") is None
+    pen.evaluate("el => el.scrollIntoView({block: 'center'})")
+    touch_stroke(cdp, polyline(pen.bounding_box(), [(0.5, 0.15), (0.5, 0.85)]))  # a "1", for the screenshot
+    page.evaluate("window.kvae.settled()")
+    assert page.evaluate("window.kvae.state.draw.loc") is not None
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_sliders_and_taps_change_the_image(browser_page):
+    page, problems, onnx, _ = browser_page
+    slider = page.locator("#sliders input[type=range]").first
+    slider.evaluate("el => el.scrollIntoView({block: 'center'})")
+    before = canvas_pixels(page, "#explore-out")
+    version = page.evaluate("window.kvae.state.explore.version")
+    slider.focus()
+    page.keyboard.press("End")  # the slider's maximum, through the browser's own input handling
+    page.wait_for_function(f"window.kvae.state.explore.version > {version}")
+    page.evaluate("window.kvae.settled()")
+    explore = page.evaluate("""() => ({z: Array.from(window.kvae.state.explore.z),
+                                       x: Array.from(window.kvae.state.explore.x)})""")
+    assert explore["z"][0] == 3
+    after = canvas_pixels(page, "#explore-out")
+    assert np.abs(after.astype(int) - before).max() > 10, "moving the slider did not change the image"
+    assert np.abs(np.array(explore["x"]) - onnx.decode(explore["z"]).ravel()).max() <= TOL
+    # Tapping a sample sends its z to Explore.
+    grid = page.locator("#grid")
+    grid.evaluate("el => el.scrollIntoView({block: 'center'})")  # clear of the sticky nav
+    box = grid.bounding_box()
+    page.touchscreen.tap(box["x"] + 0.6 * box["width"] / 4, box["y"] + 0.4 * box["height"] / 4)  # cell 0
+    page.wait_for_function("window.kvae.state.explore.z[0] !== 3")
+    page.evaluate("window.kvae.settled()")
+    L = onnx.latent_dim
+    assert page.evaluate(f"Array.from(window.kvae.state.explore.z)") == page.evaluate(
+        f"Array.from(window.kvae.state.sample.z.slice(0, {L}))")
+    page.locator("#explore").scroll_into_view_if_needed()
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_every_onnx_decoder_in_the_manifest_runs_in_the_browser(browser_page):
+    """The quantized decoders (fp16, int8) load in onnxruntime-web and match onnxruntime-python."""
+    page, problems, onnx, _ = browser_page
+    files = page.eval_on_selector_all("#decoder-file option", "options => options.map(o => o.value)")
+    expected = sorted(f for f, e in onnx.manifest["files"].items()
+                      if e["format"] == "onnx" and e["half"] == "decoder")
+    assert sorted(files) == expected and files[0] == "decoder.onnx"
+    import onnxruntime as ort
+
+    for file in files[1:] + files[:1]:  # back to float32 last
+        page.select_option("#decoder-file", file)
+        page.wait_for_function(f"document.querySelector('#status').textContent.startsWith('Ready: {file}')")
+        sample = page.evaluate("""() => ({z: Array.from(window.kvae.state.sample.z),
+                                          x: Array.from(window.kvae.state.sample.x)})""")
+        z = np.array(sample["z"], np.float32).reshape(-1, onnx.latent_dim)
+        session = ort.InferenceSession(str(onnx.folder / file), providers=["CPUExecutionProvider"])
+        x_python = session.run(["x_mean"], {"z": z})[0]
+        assert np.abs(np.array(sample["x"]) - x_python.ravel()).max() <= TOL, file
+    assert problems == []
