@@ -52,9 +52,13 @@ class RunState(keras.callbacks.Callback):
     def weights_path(self, epoch: int) -> Path:
         return self.out / STATE / f"epoch-{epoch + 1:04d}.weights.h5"
 
-    def restore(self, vae) -> int:
-        """Loads the last committed epoch into `vae`; returns how many epochs are done."""
-        path = self.out / STATE / PROGRESS
+    def restore(self, vae, source: Path | None = None) -> int:
+        """Loads the last committed epoch (of `source`, default this run) into `vae`.
+
+        Returns how many epochs are done.
+        """
+        source = source or self.out
+        path = source / STATE / PROGRESS
         if not path.exists():
             return 0
         progress = json.loads(path.read_text())
@@ -62,8 +66,8 @@ class RunState(keras.callbacks.Callback):
         self.best_epoch, self.best_val_loss = progress["best_epoch"], progress["best_val_loss"]
         self.train_seconds = progress["train_seconds"]
         self.last_logs = progress["last_logs"]
-        vae.load_weights(self.weights_path(self.epochs_done - 1))
-        self.history = _read_history(self.out / "history.csv")[: self.epochs_done]
+        vae.load_weights(source / STATE / self.weights_path(self.epochs_done - 1).name)
+        self.history = _read_history(source / "history.csv")[: self.epochs_done]
         self._write_history()
         return self.epochs_done
 

@@ -17,6 +17,7 @@ from kvae.errors import KVAEError
 ARCHS = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARIZE = ("auto", "dynamic", "static", "none")
+STRATEGIES = ("none", "mirrored", "multi-worker")
 
 
 class ConfigError(KVAEError):
@@ -48,6 +49,7 @@ class Config:
     seed: int = 0  # seeds weights, shuffling, binarization and eps: same seed -> same run on CPU
     jit: bool = True  # XLA-compile the train step
     mixed_precision: bool = False  # float16 compute on GPU (posterior, KL and likelihood stay float32)
+    strategy: str = "none"  # none | mirrored (all local GPUs) | multi-worker (machines in TF_CONFIG)
     # Output
     out: str = "runs/quickstart"  # run folder
     eval_k: int = 100  # importance samples for the end-of-training NLL estimate (0 = skip)
@@ -68,6 +70,7 @@ class Config:
             (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {', '.join(LIKELIHOODS)}"),
             (self.binarize in BINARIZE, f"--binarize must be one of {', '.join(BINARIZE)}"),
             (self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant"),
+            (self.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}"),
             (not (self.likelihood == "bernoulli" and self.binarize == "none"),
              "--likelihood bernoulli needs binary pixels: use --binarize dynamic or static"),
         ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -72,8 +74,8 @@ def main(argv=None) -> None:
     with cli_errors("kvae.fit"):
         args = parse_args(argv)
         config = resolve_config(args)
-        out = Path(config.out)
-        check_out(out, args.resume)
+        if is_chief():
+            check_out(Path(config.out), args.resume)
         fit(config, resume=args.resume)
 
 
@@ -81,7 +83,6 @@ def fit(config: Config, resume: bool = False) -> dict:
     """Trains the VAE that `config` describes and writes its run folder. Returns metrics."""
     from kvae import data as kdata
 
-    out = Path(config.out)
     binarize = config.resolved_binarize
     dataset = kdata.load(config.dataset, config.data_dir, config.val_size)  # fails before any write
 
@@ -91,11 +92,17 @@ def fit(config: Config, resume: bool = False) -> dict:
     from kvae.callbacks import KLWarmup, RunState
     from kvae.model import build_vae
 
+    strategy = make_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    chief = is_chief()
+    out = Path(config.out) if chief else Path(tempfile.mkdtemp(prefix="kvae-worker-"))
+
     print(f"kvae.fit: {config.dataset}: {len(dataset.x_train)} train / {len(dataset.x_val)} "
           f"held-out images of shape {dataset.image_shape}; binarize={binarize}")
     print("kvae.fit: config " + json.dumps(config.to_dict()))
     gpus = tf.config.list_physical_devices("GPU")
-    print(f"kvae.fit: device {'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'CPU'}")
+    print(f"kvae.fit: device {'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'CPU'}; "
+          f"strategy {config.strategy} with {replicas} replica(s); global batch {config.batch_size}")
 
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
@@ -103,16 +110,18 @@ def fit(config: Config, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config.to_json(out / "config.json")
 
-    vae = build_vae(config, dataset.image_shape)
     total_steps = kdata.steps_per_epoch(len(dataset.x_train), config.batch_size) * config.epochs
-    lr = config.lr
-    if config.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(config.lr, total_steps, alpha=0.1)
-    vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=config.jit)
-    vae.optimizer.build(vae.trainable_variables)
+    with strategy.scope():
+        vae = build_vae(config, dataset.image_shape)
+        lr = config.lr
+        if config.lr_schedule == "cosine":
+            lr = keras.optimizers.schedules.CosineDecay(config.lr, total_steps, alpha=0.1)
+        # XLA inside tf.distribute is left off: Keras itself turns it off there.
+        vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=config.jit and replicas == 1)
+        vae.optimizer.build(vae.trainable_variables)
 
     state = RunState(out, config)
-    initial_epoch = state.restore(vae) if resume else 0
+    initial_epoch = state.restore(vae, Path(config.out)) if resume else 0  # workers read the chief's
     if initial_epoch >= config.epochs:
         print(f"kvae.fit: {out} already finished {initial_epoch} epochs")
     else:
@@ -129,11 +138,38 @@ def fit(config: Config, resume: bool = False) -> dict:
                                                        profile_batch=0)])
         state.train_seconds += time.perf_counter() - started
         state.save_progress()
+        if not chief:
+            shutil.rmtree(out, ignore_errors=True)  # only the chief writes the run folder
+            return {}
         if state.nan_epoch is not None:
             raise KVAEError(f"the loss became NaN or infinite in epoch {state.nan_epoch + 1}; "
                             f"lower --lr (now {config.lr}) or use --likelihood bernoulli; "
                             f"--resume continues from the last good epoch")
     return finish(vae, dataset, config, state)
+
+
+def make_strategy(name: str):
+    """The tf.distribute strategy for `--strategy`; the default (one device) for `none`."""
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        if "TF_CONFIG" not in os.environ:
+            raise KVAEError("--strategy multi-worker needs the TF_CONFIG environment variable "
+                            "(cluster and task) on every machine")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief() -> bool:
+    """True unless TF_CONFIG names this process a non-chief worker (only the chief writes)."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = tf_config.get("task", {})
+    kind, index = task.get("type"), task.get("index", 0)
+    if kind in (None, "chief"):
+        return True
+    return kind == "worker" and index == 0 and "chief" not in tf_config.get("cluster", {})
 
 
 def finish(vae, dataset, config: Config, state) -> dict:

@@ -39,7 +39,7 @@ class Posterior(keras.layers.Layer):
         self.beta_value = float(beta)  # the configured weight (kept for get_config)
         self.seed = seed
         self.calls = self.add_weight(name="calls", shape=(), dtype="int32", trainable=False,
-                                     initializer="zeros")
+                                     initializer="zeros", aggregation="only_first_replica")
         self.beta = self.add_weight(name="beta", shape=(), trainable=False,
                                     initializer=keras.initializers.Constant(beta))
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")  # unweighted D[Q(z|X) || P(z)]
@@ -53,7 +53,11 @@ class Posterior(keras.layers.Layer):
         self.add_loss(self.beta * kl)
         self.kl_tracker.update_state(kl)
         # Reparameterized: z = loc + scale * eps, so gradients flow into loc and scale.
-        seed = tf.stack([tf.constant(self.seed or 0, tf.int32), self.calls.value])
+        replica = tf.distribute.get_replica_context()
+        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+        # Each replica draws its own eps; one device draws exactly what replica 0 would.
+        seed = tf.stack([(self.seed or 0) + 1_000_003 * tf.cast(replica_id, tf.int32),
+                         self.calls.value])
         self.calls.assign_add(1)
         return q.sample(seed=seed)
 

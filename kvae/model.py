@@ -120,7 +120,15 @@ class VAE(keras.Model):
         target = x if y is None else y
         rec = tf.reduce_mean(reconstruction_nll(target, y_pred, self.likelihood, self.sigma))
         self.reconstruction_tracker.update_state(rec)
-        return rec + tf.add_n([tf.cast(loss, tf.float32) for loss in self.losses])
+        loss = rec + tf.add_n([tf.cast(loss, tf.float32) for loss in self.losses])
+        # Under tf.distribute each replica sees part of the global batch; gradients are summed.
+        return loss / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def train_step(self, data):
+        return _with_batch_axis(super().train_step(data))
+
+    def test_step(self, data):
+        return _with_batch_axis(super().test_step(data))
 
     def encode(self, x):
         """x (B, H, W, C) in [0, 1] -> (loc, scale) of Q(z|X)."""
@@ -153,6 +161,14 @@ class VAE(keras.Model):
         for key in ("encoder", "decoder_net"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)
+
+
+def _with_batch_axis(logs: dict) -> dict:
+    """Keras 3 reduces multi-worker step outputs with reduce(MEAN, axis=0), which fails on
+    scalars (tensorflow/tensorflow#72388); give them an axis there, nowhere else."""
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
 
 
 def build_vae(config: Config, image_shape) -> VAE:
