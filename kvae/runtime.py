@@ -332,12 +332,14 @@ class _Half:
     half = ""
 
     def __init__(self, path: str | Path, threads: int | None = None, xnnpack: bool = True,
-                 verify: bool = False, max_batch: int = 256, prefer_fixed: bool = True,
+                 verify: bool = False, max_batch: int = 256, prefer_fixed: bool | None = None,
                  likelihood: str | None = None, sigma: float | None = None):
         path = resolve(path, self.half)
         manifest, entry = read_manifest(path)
         if verify:
             _verify(path, entry)
+        if prefer_fixed is None:  # Conv2DTranspose (decoder) needs fixed shapes under XNNPACK
+            prefer_fixed = self.half == "decoder" and xnnpack
         self.session = _Session(path, threads=threads, xnnpack=xnnpack, max_batch=max_batch,
                                 prefer_fixed=prefer_fixed)
         self.path = path
@@ -440,6 +442,9 @@ class Decoder(_Half):
       max_batch: rows per runtime call (larger batches are chunked).
       prefer_fixed: TFLite files with fixed-batch signatures (`batch1`, the exporter's fast path):
         feed rows through them (row by row for `batch1`) rather than the dynamic signature.
+        Default: on for the decoder under XNNPACK (quickstart decoder, batch 64: 47 ms row by row vs 66 ms
+        dynamic; int8 14 vs 31 ms), off for the encoder (9.0 vs 6.6 ms). A batch of exactly N
+        always uses `batch<N>`.
       likelihood, sigma: override the manifest's (needed for log_likelihood without a manifest).
 
     Raises:

@@ -21,7 +21,6 @@ from kvae.errors import KVAEError
 from kvae.runtime import VAE, Decoder, Encoder, RuntimeInputError
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPORTERS = [[ROOT / "export" / "to_onnx.py"], [ROOT / "export" / "to_tflite.py"]]
 FORMATS = ["onnx", "tflite"]
 PARITY = 1e-5  # float32 parity bound against Keras (TOOLCHAIN.md measured <= 6e-6 on logits)
 
@@ -44,12 +43,19 @@ BLOCKER = textwrap.dedent("""
 
 @pytest.fixture(scope="session")
 def run(trained_run) -> Path:
-    """The conv run, exported to ONNX and TFLite by the export scripts (once per session)."""
+    """The conv run with every file exported by kvae.export (the export scripts' library), once.
+
+    Same check as tests/test_export.py's fixture: whichever runs first exports, the other reuses.
+    """
+    from kvae import export
+
     run = trained_run("conv")
-    export = run / "export"
-    if not all((export / f"{half}.{fmt}").exists() for half in ("encoder", "decoder") for fmt in FORMATS):
-        for script in EXPORTERS:
-            subprocess.run([sys.executable, *map(str, script), str(run)], check=True, cwd=ROOT)
+    manifest = run / "export" / "manifest.json"
+    for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
+        names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
+        listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
+        if not all(n in listed and (run / "export" / n).exists() for n in names):
+            export_fn(export.load_run(run))
     return run
 
 
@@ -151,6 +157,20 @@ def test_encoder_matches_keras(run, keras_halves, images, fmt, batch):
     assert np.abs(scale - expected_scale).max() <= PARITY
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_quantized_decoders_run(run, keras_halves, fmt, precision):
+    """fp16 / int8 files open through the same API and stay within the exporter's own bounds."""
+    from kvae.export import TOLERANCE
+
+    vae = VAE.from_folder(run, format=fmt, precision=precision)
+    assert vae.decoder.path.name == f"decoder.{precision}.{fmt}"
+    assert vae.decoder.info["precision"] == precision
+    z = np.random.default_rng(2).standard_normal((64, 8), dtype=np.float32)
+    diff = np.abs(vae.decode(z) - np.asarray(keras_halves[1](z))).max()
+    assert diff <= TOLERANCE[precision]["x_mean"], diff
+
+
 def test_metadata_from_the_manifest(run):
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     decoder = Decoder(run)
@@ -204,6 +224,50 @@ def test_fixed_batch_file_is_fed_in_chunks(run, tmp_path):
     with pytest.raises(RuntimeInputError, match="likelihood"):  # no manifest: say which one
         VAE(run / "export" / "encoder.onnx", tmp_path / "decoder.onnx").log_likelihood(
             np.zeros((1, 28, 28, 1)))
+
+
+def test_plan_uses_fixed_batch_signatures():
+    """Which signature takes which rows: fixed `batch<N>` fast paths, the dynamic one, padding."""
+    from kvae.runtime import _Session
+
+    session = object.__new__(_Session)
+    session.format, session.max_batch = "tflite", 100
+    session._runners = {None: None, 1: None}
+    session.prefer_fixed = True
+    assert session.plan(3) == [(0, 1, 1), (1, 1, 1), (2, 1, 1)]
+    session.prefer_fixed = False
+    assert session.plan(1) == [(0, 1, 1)]  # exactly N rows: always the fixed signature
+    assert session.plan(250) == [(0, 100, None), (100, 100, None), (200, 50, None)]
+    session._runners = {8: None, 2: None}  # fixed batches only: largest first, the rest padded
+    assert session.plan(19) == [(0, 8, 8), (8, 8, 8), (16, 2, 2), (18, 1, 2)]
+
+
+@pytest.mark.parametrize("half", ["encoder", "decoder"])
+def test_tflite_fixed_batch_signature_matches_dynamic(run, half):
+    """The exporter's `batch1` signature (row by row) gives what serving_default gives."""
+    cls = Decoder if half == "decoder" else Encoder
+    fixed = cls(run / "export" / f"{half}.tflite", prefer_fixed=True)
+    dynamic = cls(run / "export" / f"{half}.tflite", prefer_fixed=False)
+    assert 1 in fixed.session.batches and None in fixed.session.batches
+    rng = np.random.default_rng(0)
+    if half == "decoder":
+        z = rng.standard_normal((5, 8), dtype=np.float32)
+        assert np.abs(fixed.decode(z) - dynamic.decode(z)).max() <= PARITY
+    else:
+        x = rng.random((5, 28, 28, 1), dtype=np.float32)
+        for a, b in zip(fixed.encode(x), dynamic.encode(x)):
+            assert np.abs(a - b).max() <= PARITY
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_metadata_from_the_file_without_a_manifest(run, tmp_path, fmt):
+    import shutil
+
+    shutil.copy(run / "export" / f"decoder.{fmt}", tmp_path / f"decoder.{fmt}")
+    decoder = Decoder(tmp_path / f"decoder.{fmt}")
+    assert decoder.info["source"] == ("ONNX metadata" if fmt == "onnx" else "TFLite metadata")
+    assert (decoder.latent_dim, decoder.image_shape) == (8, (28, 28, 1))
+    assert decoder.info["likelihood"] == "bernoulli"
 
 
 def test_tflite_without_xnnpack_and_with_threads(run):
