@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, REQUIRED_EXPORTS, main, make_server
+from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, REQUIRED_EXPORTS, main, make_server, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -87,8 +87,7 @@ def served(tmp_path):
 
 def test_server_listens_on_localhost_by_default(served):
     _, folders = served
-    with pytest.raises(SystemExit):
-        main(["--help"])
+    assert parse_args(["RUN"]).host == "127.0.0.1" and parse_args(["RUN"]).port == 8000
     server = make_server(folders["export"].parent, port=0, app_dir=folders["app"], quiet=True)
     try:
         assert server.server_address[0] == "127.0.0.1"
@@ -219,6 +218,16 @@ def require_browser():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message + "; .ci/run installs them")
         pytest.skip(message)
+
+
+def test_missing_browser_fails_on_ci_and_skips_locally(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install chromium"):
+        require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium"):
+        require_browser()
 
 
 @pytest.fixture(scope="session")
