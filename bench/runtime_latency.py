@@ -103,6 +103,27 @@ def versions() -> dict:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The README's table."""
+    cold, lat = result["cold_start"], result["decode_latency"]
+    tf = cold["tensorflow"]
+    rows = ["| | import | first image (import + open + decode) | whole process | decode, batch 1 | decode, batch 64 (per sample) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, label in (("onnxruntime", "kvae.runtime + onnxruntime"), ("litert", "kvae.runtime + LiteRT")):
+        c, l1, l64 = cold[name], lat[name]["1"], lat[name]["64"]
+        rows.append(f"| {label} | {c['import_s'] * 1000:.0f} ms | {c['first_image_s'] * 1000:.0f} ms | "
+                    f"{c['process_s'] * 1000:.0f} ms | {l1['ms_per_call']:.2f} ms | "
+                    f"{l64['ms_per_call']:.1f} ms ({l64['ms_per_sample']:.2f} ms) |")
+    rows.append(f"| TensorFlow + Keras (`decoder.keras`) | {tf['import_s']:.2f} s | {tf['first_image_s']:.2f} s | "
+                f"{tf['process_s']:.2f} s | | |")
+    r = result["ratios"]
+    rows.append(f"\nTensorFlow takes {r['import_s_tensorflow_over_onnxruntime']:.0f}x (onnxruntime) / "
+                f"{r['import_s_tensorflow_over_litert']:.0f}x (LiteRT) longer to import, and "
+                f"{r['first_image_s_tensorflow_over_onnxruntime']:.0f}x / "
+                f"{r['first_image_s_tensorflow_over_litert']:.0f}x longer to its first image.")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python bench/runtime_latency.py", description=__doc__.split("\n\n")[1])
     parser.add_argument("run", nargs="?", default="runs/quickstart", help="exported run folder")
@@ -122,6 +143,7 @@ def main(argv=None) -> None:
 
     latent_dim = Decoder(files["onnx"]).latent_dim
 
+    load_before = os.getloadavg()
     print(f"runtime_latency: {run} (latent_dim {latent_dim}), {os.cpu_count()} CPUs, "
           f"{args.repeats} fresh processes per cold-start number")
     cold = {
@@ -155,7 +177,8 @@ def main(argv=None) -> None:
         "run": str(run), "latent_dim": latent_dim,
         "files": {name: {"path": str(p), "size": p.stat().st_size} for name, p in files.items()},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "processor": platform.processor() or platform.machine()},
+                    "processor": platform.processor() or platform.machine(),
+                    "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "versions": versions(), "repeats": args.repeats,
         "cold_start": cold, "ratios": ratios, "decode_latency": latency,
         "notes": "cold_start: medians over fresh processes; import_s and first_image_s are timed "
@@ -163,6 +186,7 @@ def main(argv=None) -> None:
                  "process_s is the whole process wall time. decode_latency: Decoder.decode in one "
                  "process after 5 warm-up calls, default threads, XNNPACK on for LiteRT.",
     }
+    print("\n" + markdown(result))
     from kvae.files import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
