@@ -240,23 +240,20 @@ const renderExplore = latestOnly(async (z) => {
   movePadDot(z);
 });
 
+// The z Explore shows; sliders change one dimension each, so values beyond their range survive.
+let exploreCurrent = null;
+
 function setExplore(z) {
-  z = Float32Array.from(z);
+  exploreCurrent = Float32Array.from(z);
   document.querySelectorAll("#sliders input").forEach((slider) => {
     const d = Number(slider.dataset.dim);
-    slider.value = String(z[d]);
-    slider.nextElementSibling.textContent = z[d].toFixed(2);
+    slider.value = String(exploreCurrent[d]);
+    slider.nextElementSibling.textContent = exploreCurrent[d].toFixed(2);
   });
-  return renderExplore(z);
+  return renderExplore(Float32Array.from(exploreCurrent));
 }
 
-function exploreZ() {
-  const z = Float32Array.from(state.explore.z || new Float32Array(model.latentDim));
-  document.querySelectorAll("#sliders input").forEach((slider) => {
-    z[Number(slider.dataset.dim)] = Number(slider.value);
-  });
-  return z;
-}
+const exploreZ = () => Float32Array.from(exploreCurrent || new Float32Array(model.latentDim));
 
 function buildSliders() {
   const box = $("sliders");
@@ -273,8 +270,11 @@ function buildSliders() {
     const value = document.createElement("output");
     value.textContent = "0.00";
     slider.addEventListener("input", () => {
-      value.textContent = Number(slider.value).toFixed(2);
-      renderExplore(exploreZ());
+      const z = exploreZ();
+      z[d] = Number(slider.value);
+      value.textContent = z[d].toFixed(2);
+      exploreCurrent = z;
+      renderExplore(Float32Array.from(z));
     });
     label.append(name, slider, value);
     box.append(label);
@@ -542,7 +542,7 @@ async function init() {
   }
   setupPen();
   await renderSample(readSeed());
-  await renderExplore(new Float32Array(model.latentDim));
+  await setExplore(new Float32Array(model.latentDim));
   const L = model.latentDim;
   await setSlot("a", state.sample.z.slice(0, L));
   await setSlot("b", state.sample.z.slice(L, 2 * L));
