@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, REQUIRED_EXPORTS, main, make_server, parse_args
+from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, main, make_server, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
