@@ -23,25 +23,31 @@ How each file is made:
   quantization, whichever gives the lower held-out NLL on this run (both are measured each time).
 
 Batch in TFLite. Every .tflite file has two signatures sharing one copy of the weights:
-`serving_default` with a dynamic batch (resize to any batch) and `batch1`, fixed at batch 1
-(`--fixed-batch` sets other sizes). XNNPACK cannot take a Conv2DTranspose whose output shape is
-computed at run time, so the fixed signature is the fast path for the conv decoder. Measured on
-the quickstart conv decoder (latent 32, hidden 256), LiteRT, 1 thread, XNNPACK, ms per call:
-    fp32  batch 1: dynamic 0.44-0.50, fixed 0.29    batch 64: dynamic 27.7, fixed 15.2
-    int8  batch 1: dynamic 0.22,      fixed 0.085   batch 64: dynamic 13.9
-The encoder (Conv2D) runs 0.062 ms at batch 1 either way. Default: `serving_default` stays
-dynamic (any batch works, which is what a caller of the contract expects) and `batch1` is the
-fast path for one image at a time; the manifest's "batch" is "dynamic" and "signatures" lists
-the fixed ones.
+`serving_default` with a dynamic batch (resized to any batch) and `batch1`, fixed at batch 1
+(`--fixed-batch 1 64` adds `batch64`, ...). XNNPACK cannot take a Conv2DTranspose whose output
+shape is computed at run time, so a fixed signature is the fast path for the conv decoder.
+Measured with `python export/report.py RUN --latency` on the quickstart run (conv, latent 32,
+hidden 256), LiteRT 1 thread, ms per call, dynamic / fixed signature:
+    decoder fp32   batch 1: 0.43 / 0.29    batch 64: 26.2 / 13.6
+    decoder int8   batch 1: 0.22 / 0.085   batch 64: 14.6 / 3.4
+    encoder fp32   batch 1: 0.065 / 0.060  batch 64: 2.37 / 2.46 (Conv2D: no difference)
+    mlp halves     no difference (0.009 ms at batch 1)
+Default: `serving_default` stays dynamic (any batch works, as the contract promises) and `batch1`
+is the fast path for one image at a time, which is what a device app decodes; a fixed signature
+costs ~0.3% of the file (fp32; ~9% for int8). The manifest's "batch" is "dynamic" (the
+serving_default signature) and "signatures" maps each signature to its batch.
 
 Self-check (before a file gets its final name): the file is written under a temporary name,
 loaded in its runtime (ai_edge_litert Interpreter / onnxruntime; ONNX also through
 `onnx.checker.check_model(full_check=True)`), run at batch 1 and 64 on held-out images of the
 run's dataset and on z from the prior and the posterior, and compared with Keras. A non-finite
 output or a difference above TOLERANCE raises KVAEError with the measured number; the temporary
-file is removed and nothing stays under the final name. Quantized decoders also get
-`nll_delta`: the change in held-out IWAE NLL (nats) against float32 Keras with paired samples
-(same encoder outputs, same eps) - choose a variant by that, not by max abs diff.
+file is removed and nothing stays under the final name. Quantized files also get `nll_delta`:
+the change in held-out IWAE NLL (nats, NLL_N images, NLL_K samples each) against float32 Keras
+with paired samples: the same images, the same eps, and for a decoder the float32 encoder's
+posterior (for an encoder: its posterior as the proposal, with the float32 decoder). Choose a
+variant by that, not by max abs diff. NLL_N = 200 and NLL_K = 50 keep each script under a minute
+on 2 cores for the quickstart model; the paired difference's standard error is recorded with it.
 """
 
 from __future__ import annotations
@@ -631,10 +637,12 @@ def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration
         converter.inference_input_type = tf.float32  # float I/O; quantize inside
         converter.inference_output_type = tf.float32
 
-        def representative():
-            for row in calibration:
-                for key in keys:
-                    yield key, {input_name: row[None]}
+        def representative():  # every signature sees every row, in its own batch size
+            for key in keys:
+                batch = 1 if key == "serving_default" else int(key[len("batch"):])
+                for start in range(0, len(calibration), batch):
+                    rows = np.take(calibration, range(start, start + batch), axis=0, mode="wrap")
+                    yield key, {input_name: rows}
 
         converter.representative_dataset = representative
     try:

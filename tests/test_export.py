@@ -553,3 +553,15 @@ def test_report_table(exported):
             for f in FORMATS:
                 assert f"`{export.filename(h, p, f)}`" in table
     assert table.startswith("| file | precision | size |") and "NLL" in table
+
+
+def test_report_latency_table(exported):
+    folder, _ = exported("mlp")
+    report = _load_script("export/report.py")
+    manifest = report.read_manifest(folder)
+    table = report.latency_table(folder / "export", manifest, rounds=1, budget=0.002)
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(manifest["files"])
+    tflite = next(r for r in rows if r.startswith("| `decoder.tflite`"))
+    cells = [c.strip() for c in tflite.strip("|").split("|")][1:]
+    assert all(float(c) > 0 for c in cells[:3]) and cells[3] == "-"  # no batch64 signature by default
