@@ -149,7 +149,8 @@ class _Session:
             raise RuntimeInputError(f"cannot load {self.path} as an ONNX model (truncated, corrupt or "
                                     f"not a model?): {_first_line(e)}") from None
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                 "tensor(double)": np.float64, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+                 "tensor(double)": np.float64, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+                 "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
 
         def spec(arg):
             shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
@@ -158,7 +159,7 @@ class _Session:
         self.inputs = {a.name: spec(a) for a in self._session.get_inputs()}
         self.outputs = {a.name: spec(a) for a in self._session.get_outputs()}
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
-        self._quant = {}
+        self._check_float_io()
 
     def _open_tflite(self, threads, xnnpack):
         try:
@@ -183,7 +184,7 @@ class _Session:
 
         # serving_default, plus the fixed-batch fast paths `batch<N>` (XNNPACK runs a fixed-shape
         # Conv2DTranspose much faster) when their names and inner shapes match serving_default's
-        self._runners, self._quant = {}, {}
+        self._runners = {}
         for key in ["serving_default", *sorted(k for k in signatures if k != "serving_default")]:
             try:
                 runner = self._interpreter.get_signature_runner(key)
@@ -199,9 +200,15 @@ class _Session:
                 continue  # some other signature: not ours to call
             batch = _batch_of(inputs)
             self._runners[batch] = runner
-            self._quant[batch] = {name: d["quantization"] for name, d in {**in_details, **out_details}.items()
-                                  if np.dtype(d["dtype"]).kind in "iu" and d["quantization"][0]}
         self.metadata = {}
+        self._check_float_io()
+
+    def _check_float_io(self):
+        for name, (_, dtype) in {**self.inputs, **self.outputs}.items():
+            if dtype not in (np.float32, np.float16, np.float64):
+                kind = np.dtype(dtype).name if isinstance(dtype, type) else dtype
+                raise RuntimeInputError(f"{self.path}: tensor {name!r} is {kind}; kvae files keep float32 "
+                                        "inputs and outputs (int8 files too): export/to_onnx.py, to_tflite.py")
 
     def read_metadata(self) -> dict[str, str]:
         """kvae's key/value metadata stored in the file (ONNX metadata_props, TFLite `kvae`)."""
@@ -271,8 +278,7 @@ class _Session:
         return {name: np.concatenate(p) for name, p in parts.items()}
 
     def _call(self, feeds: dict[str, np.ndarray], key: int | None) -> dict[str, np.ndarray]:
-        quant = self._quant.get(key, {})
-        feeds = {name: _to_input(value, self.inputs[name][1], quant.get(name))
+        feeds = {name: np.ascontiguousarray(value, dtype=self.inputs[name][1])
                  for name, value in feeds.items()}
         if self.format == "onnx":
             values = self._session.run(list(self.outputs), feeds)
@@ -283,7 +289,7 @@ class _Session:
             except Exception as e:  # e.g. "failed to reshape" for batches the file cannot take
                 raise RuntimeInputError(f"{self.path}: LiteRT failed on a batch of "
                                         f"{len(next(iter(feeds.values())))}: {_first_line(e)}") from None
-        return {name: _from_output(value, quant.get(name)) for name, value in result.items()}
+        return {name: np.asarray(value, dtype=np.float32) for name, value in result.items()}
 
 
 def _batch_of(specs: dict) -> int | None:
@@ -301,21 +307,6 @@ def _same_but_batch(signature, reference, batch: int) -> bool:
             if shape[:1] != (batch,) or shape[1:] != ref[name][0][1:] or dtype != ref[name][1]:
                 return False
     return True
-
-
-def _to_input(value: np.ndarray, dtype, quant) -> np.ndarray:
-    if quant:  # integer inputs (full-integer TFLite): quantize with the file's scale / zero point
-        scale, zero = quant
-        info = np.iinfo(dtype)
-        return np.clip(np.round(value / scale) + zero, info.min, info.max).astype(dtype)
-    return np.ascontiguousarray(value, dtype=dtype)
-
-
-def _from_output(value: np.ndarray, quant) -> np.ndarray:
-    if quant:
-        scale, zero = quant
-        return ((value.astype(np.float32) - zero) * scale).astype(np.float32)
-    return np.asarray(value, dtype=np.float32)
 
 
 def _first_line(e: BaseException) -> str:
@@ -416,11 +407,16 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: _Session,
         info["latent_dim"] = latent
     if not info["image_shape"]:
         info["image_shape"] = list(image)
-    if info["latent_dim"] is None or None in info["image_shape"] or len(info["image_shape"]) != 3:
+    shape = info["image_shape"]
+    if info["latent_dim"] is None or not isinstance(shape, (list, tuple)) or len(shape) != 3 or None in shape:
         raise RuntimeInputError(f"{session.path}: cannot tell the latent size and image shape (no "
                                 "manifest.json beside it and no metadata in it)")
-    info["latent_dim"] = int(info["latent_dim"])
-    info["image_shape"] = [int(d) for d in info["image_shape"]]
+    try:
+        info["latent_dim"] = int(info["latent_dim"])
+        info["image_shape"] = [int(d) for d in info["image_shape"]]
+    except (TypeError, ValueError):
+        raise RuntimeInputError(f"{session.path}: its {source} gives latent_dim "
+                                f"{info['latent_dim']!r} and image_shape {info['image_shape']!r}") from None
     if latent is not None and latent != info["latent_dim"] or (
             None not in image and list(image) != info["image_shape"]):
         raise RuntimeInputError(f"{session.path} takes latent size {latent} and images {list(image)} "

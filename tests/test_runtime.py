@@ -437,6 +437,23 @@ def test_wrong_half(run, fmt):
         Encoder(run / "export" / f"decoder.{fmt}")
 
 
+@pytest.mark.parametrize("dtype, match", [("FLOAT", "not a kvae decoder"), ("INT64", "is int64")])
+def test_a_model_that_is_not_ours(tmp_path, dtype, match):
+    """A valid ONNX model with other names or integer inputs is refused by name, in one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    elem = getattr(TensorProto, dtype)
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "other",
+                              [helper.make_tensor_value_info("input", elem, ["n", 4])],
+                              [helper.make_tensor_value_info("output", elem, ["n", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "model.onnx")
+    with pytest.raises(RuntimeInputError, match=match) as error:
+        Decoder(tmp_path / "model.onnx")
+    one_line(error)
+
+
 def test_verify_refuses_a_changed_file(run, tmp_path):
     import shutil
 
