@@ -57,7 +57,8 @@ def table(manifest: dict) -> str:
         precision = e["precision"] + (f" ({e['quantization']})" if e.get("quantization") else "")
         delta = "-"
         if "nll_delta" in e:
-            delta = f"{e['nll_delta']:+.3f} ± {e['nll']['delta_se']:.3f}"
+            se = e["nll"].get("delta_se")
+            delta = f"{e['nll_delta']:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
             nll = e["nll"]
         rows.append(f"| `{name}` | {precision} | {e['size'] / 1e6:.2f} MB | {share} | "
                     f"{_diffs(e['parity']['max_abs_diff'])} | {_diffs(e['parity']['mean_abs_diff'])} | "
@@ -71,7 +72,7 @@ def table(manifest: dict) -> str:
                      "error. Encoder rows: the variant's posterior as the proposal, float32 decoder.")
     parity = {e["half"]: e["parity"]["inputs"] for e in files.values()}
     notes += [f"Parity inputs ({half}): {text}." for half, text in sorted(parity.items())]
-    return "\n".join(rows) + "\n\n" + "\n".join(notes)
+    return "\n".join(rows) + "\n\n" + "\n".join("- " + note for note in notes)
 
 
 def check_files(folder: Path, manifest: dict) -> None:

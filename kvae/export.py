@@ -332,7 +332,8 @@ def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None
         "this encoder's loc, scale as the proposal, the float32 Keras decoder")
     return {"nll_delta": round(float(diff.mean()), 4) + 0.0,  # + 0.0: no "-0.0" in the manifest
             "nll": {"fp32": round(float(reference.mean()), 3), "variant": round(float(nll.mean()), 3),
-                    "delta_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4),
+                    "delta_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4)
+                    if len(diff) > 1 else None,
                     "n": int(len(diff)), "k": int(run.eps_nll.shape[0]),
                     "inputs": f"held-out {run.dataset} images ({run.preprocessing_short()}); "
                               f"{other}; the same eps for every variant (seed {NLL_SEED + 1})"}}
