@@ -79,8 +79,14 @@ def main(argv=None) -> None:
         fit(config, resume=args.resume)
 
 
-def fit(config: Config, resume: bool = False) -> dict:
-    """Trains the VAE that `config` describes and writes its run folder. Returns metrics."""
+def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
+    """Trains the VAE that `config` describes and writes its run folder. Returns metrics.
+
+    Args:
+      config: the run.
+      resume: continue the run in `config.out` from its last finished epoch.
+      callbacks: extra Keras callbacks (benchmarks use them to watch training).
+    """
     from kvae import data as kdata
 
     binarize = config.resolved_binarize
@@ -137,7 +143,7 @@ def fit(config: Config, resume: bool = False) -> dict:
         started = time.perf_counter()
         vae.fit(train, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                 validation_data=val, shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
-                callbacks=[KLWarmup(vae.posterior, config.beta, config.kl_warmup), state,
+                callbacks=[KLWarmup(vae.posterior, config.beta, config.kl_warmup), state, *callbacks,
                            keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False,
                                                        profile_batch=0)])
         state.train_seconds += time.perf_counter() - started
