@@ -565,3 +565,36 @@ def test_report_latency_table(exported):
     tflite = next(r for r in rows if r.startswith("| `decoder.tflite`"))
     cells = [c.strip() for c in tflite.strip("|").split("|")][1:]
     assert all(float(c) > 0 for c in cells[:3]) and cells[3] == "-"  # no batch64 signature by default
+
+
+def test_manifest_merge_and_stale_entries(tmp_path):
+    for name in ("a.onnx", "b.tflite", "c.onnx"):
+        (tmp_path / name).write_text(name)
+    header = {"latent_dim": 2, "source": {"encoder.keras": "1", "decoder.keras": "1"}}
+    export.update_manifest(tmp_path, header, {"a.onnx": {"n": 1}})
+    merged = export.update_manifest(tmp_path, header, {"b.tflite": {"n": 2}, "gone.onnx": {"n": 3}})
+    assert set(merged["files"]) == {"a.onnx", "b.tflite"}  # no entry for a file that is not there
+    assert export.update_manifest(tmp_path, header, {}, removed=("a.onnx",))["files"].keys() == {"b.tflite"}
+    retrained = {**header, "source": {"encoder.keras": "2", "decoder.keras": "2"}}
+    merged = export.update_manifest(tmp_path, retrained, {"c.onnx": {"n": 4}})
+    assert set(merged["files"]) == {"c.onnx"}  # entries of the older model are dropped
+    assert json.loads((tmp_path / "manifest.json").read_text()) == merged
+
+
+def test_manifest_updates_from_two_writers_at_once(tmp_path):
+    """Both export scripts may run at the same time: no entry is lost (flock on the folder)."""
+    import threading
+
+    header = {"source": {"encoder.keras": "1", "decoder.keras": "1"}}
+
+    def writer(prefix):
+        for i in range(25):
+            (tmp_path / f"{prefix}{i}").write_text("x")
+            export.update_manifest(tmp_path, header, {f"{prefix}{i}": {"i": i}})
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(json.loads((tmp_path / "manifest.json").read_text())["files"]) == 75
