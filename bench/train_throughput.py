@@ -95,8 +95,8 @@ def _rates(clock: EpochClock, samples_per_epoch: int) -> tuple[float, float]:
 
 
 def reference_run(x: np.ndarray, config: Config, epochs: int) -> tuple[float, float]:
-    encoder = build_encoder(x.shape[1:], config.latent_dim, config.arch, config.hidden)
-    net = build_decoder_net(x.shape[1:], config.latent_dim, config.arch, config.hidden)
+    encoder = build_encoder(x.shape[1:], config.latent_dim, config.arch, config.hidden, config.filters)
+    net = build_decoder_net(x.shape[1:], config.latent_dim, config.arch, config.hidden, config.filters)
     z = keras.Input((config.latent_dim,))
     decoder = keras.Model(z, keras.layers.Activation("sigmoid")(net(z)))
     model = ReferenceVAE(encoder, decoder)

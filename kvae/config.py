@@ -37,6 +37,7 @@ class Config:
     arch: str = "conv"  # conv (Conv2D / Conv2DTranspose) or mlp
     latent_dim: int = 32  # size of z
     hidden: int = 256  # width of the dense layer(s) next to z
+    filters: int = 32  # conv: channels of the first conv layer (the second has twice as many)
     likelihood: str = "bernoulli"  # P(X|z): bernoulli on pixels or gaussian with fixed sigma
     sigma: float = 0.1  # standard deviation of the gaussian likelihood (ignored for bernoulli)
     beta: float = 1.0  # weight of the KL term D[Q(z|X) || P(z)]
@@ -59,6 +60,7 @@ class Config:
         check = [
             (self.latent_dim >= 1, "--latent-dim must be a positive integer"),
             (self.hidden >= 1, "--hidden must be a positive integer"),
+            (self.filters >= 1, "--filters must be a positive integer"),
             (self.epochs >= 1, "--epochs must be a positive integer"),
             (self.batch_size >= 1, "--batch-size must be a positive integer"),
             (self.steps_per_execution >= 1, "--steps-per-execution must be a positive integer"),

@@ -40,12 +40,13 @@ def reconstruction_nll(x, logits, likelihood: str = "bernoulli", sigma: float = 
     return tf.reduce_sum(nll, axis=axes)
 
 
-def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256) -> keras.Model:
+def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
+                  filters: int = 32) -> keras.Model:
     """x (B, H, W, C) -> [loc, scale] (B, latent_dim); scale = softplus(.) > 0."""
     x = keras.Input(image_shape, name="x")
     if arch == "conv":
-        h = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
-        h = keras.layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
+        h = keras.layers.Conv2D(2 * filters, 3, strides=2, padding="same", activation="relu")(h)
         h = keras.layers.Flatten()(h)
     else:
         h = keras.layers.Flatten()(x)
@@ -56,17 +57,18 @@ def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int 
     return keras.Model(x, [loc, scale], name="encoder")
 
 
-def build_decoder_net(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256) -> keras.Model:
+def build_decoder_net(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
+                      filters: int = 32) -> keras.Model:
     """z (B, latent_dim) -> logits (B, H, W, C)."""
     height, width, channels = image_shape
     z = keras.Input((latent_dim,), name="z")
     h = keras.layers.Dense(hidden, activation="relu")(z)
     if arch == "conv":
         h4, w4 = math.ceil(height / 4), math.ceil(width / 4)
-        h = keras.layers.Dense(h4 * w4 * 64, activation="relu")(h)
-        h = keras.layers.Reshape((h4, w4, 64))(h)
-        h = keras.layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(h)
-        h = keras.layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Dense(h4 * w4 * 2 * filters, activation="relu")(h)
+        h = keras.layers.Reshape((h4, w4, 2 * filters))(h)
+        h = keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(h)
         h = keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32")(h)
         if (4 * h4, 4 * w4) != (height, width):  # sizes not divisible by 4
             h = keras.layers.Cropping2D(((0, 4 * h4 - height), (0, 4 * w4 - width)))(h)
@@ -173,8 +175,9 @@ def _with_batch_axis(logs: dict) -> dict:
 
 def build_vae(config: Config, image_shape) -> VAE:
     """Builds (and calls once, so every weight exists) the VAE that `config` describes."""
-    encoder = build_encoder(image_shape, config.latent_dim, config.arch, config.hidden)
-    decoder_net = build_decoder_net(image_shape, config.latent_dim, config.arch, config.hidden)
+    encoder = build_encoder(image_shape, config.latent_dim, config.arch, config.hidden, config.filters)
+    decoder_net = build_decoder_net(image_shape, config.latent_dim, config.arch, config.hidden,
+                                    config.filters)
     vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.beta, config.seed,
               name="vae")
     vae(tf.zeros((1, *image_shape)))
