@@ -8,17 +8,16 @@ RUN/export/manifest.json. The logic lives in kvae/export.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from kvae.errors import cli_errors  # noqa: E402
+from kvae.errors import ArgumentParser, cli_errors  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python export/to_onnx.py",
         description="Export a run's encoder and decoder to ONNX (opset 17), checked against Keras.")
     parser.add_argument("run", help="run folder written by python -m kvae.fit")

@@ -7,17 +7,16 @@ entries into RUN/export/manifest.json. The logic lives in kvae/export.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from kvae.errors import cli_errors  # noqa: E402
+from kvae.errors import ArgumentParser, KVAEError, cli_errors  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python export/to_tflite.py",
         description="Export a run's encoder and decoder to TFLite (LiteRT), checked against Keras.")
     parser.add_argument("run", help="run folder written by python -m kvae.fit")
@@ -30,6 +29,9 @@ def main(argv=None) -> None:
                              "(default: 1; give no value for none)")
     args = parser.parse_args(argv)
     with cli_errors("export/to_tflite.py"):
+        if any(b < 1 for b in args.fixed_batch):
+            raise KVAEError(f"--fixed-batch takes positive batch sizes, got {args.fixed_batch} "
+                            "(give no value for no fixed-batch signature)")
         from kvae import export
 
         quantize = export.QUANTIZED if "all" in args.quantize else tuple(

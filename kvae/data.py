@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,9 @@ def _mnist_5k():
 def _npz(path: Path):
     if not path.exists():
         raise KVAEError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would call it "pickled data"
+        raise KVAEError(f"cannot read {path} as .npz: not a zip archive (truncated, or another "
+                        "format): save images with numpy.savez(path, x=images)")
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files:

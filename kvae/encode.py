@@ -12,13 +12,12 @@ given; `.npz` -> arrays `loc`, `scale` (N, latent_dim) and `files` (N,) (the ima
 
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import KVAEError, cli_errors
+from kvae.errors import ArgumentParser, KVAEError, cli_errors
 from kvae.sample import add_runtime_flags
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -65,7 +64,7 @@ def read_images(files, image_shape, resize: bool = False) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m kvae.encode",
         description="Encode images with an exported encoder (.onnx or .tflite) without TensorFlow.",
         epilog="Example: python -m kvae.encode runs/quickstart digits/ --out codes.npy")

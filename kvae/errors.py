@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
+import os
 import sys
 
 
@@ -10,14 +13,66 @@ class KVAEError(Exception):
     """A mistake a user can fix (bad input, missing file, no network): reported in one line."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends with one line (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# What to do about an OSError, by errno: the disk, the permissions or the path.
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space and run it again",
+    errno.EDQUOT: "free some space (disk quota exceeded) and run it again",
+    errno.EFBIG: "the file size limit (ulimit -f) or the disk's free space was reached: raise "
+                 "the limit, free space or write elsewhere",
+    errno.EACCES: "choose a path you may read/write, or fix its permissions",
+    errno.EPERM: "choose a path you may read/write, or fix its permissions",
+    errno.EROFS: "the file system is read-only: write somewhere else",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EEXIST: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "the path is a folder: give a file name",
+    errno.ENOENT: "check the path",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line: what the system refused, on which file, and what to do."""
+    what = e.strerror or (os.strerror(e.errno) if isinstance(e.errno, int) else None) or (
+        str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    where = f": {e.filename}" if e.filename else ""
+    hint = _OS_HINTS.get(e.errno, "check the path, the free disk space and the permissions")
+    return f"{what}{where} ({hint})"
+
+
 @contextlib.contextmanager
 def cli_errors(prog: str):
-    """Turns KVAEError (and Ctrl-C) into one line on stderr and a non-zero exit, no traceback."""
+    """Turns KVAEError, failed reads/writes (a full disk), running out of memory and Ctrl-C into
+    one line on stderr and a non-zero exit, no traceback."""
     try:
         yield
     except KVAEError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(prog, str(e))
+    except OSError as e:  # disk full, quota, permissions, read-only file system, bad path
+        _fail(prog, describe_os_error(e))
+    except MemoryError as e:
+        _fail(prog, f"out of memory{': ' + str(e) if str(e) else ''}; try smaller sizes")
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out-of-memory error
+            raise
+        _fail(prog, "out of memory: " + _first_line(e) + " (use a smaller --batch-size, --hidden "
+              "or --latent-dim)")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _fail(prog: str, message: str) -> None:
+    message = " ".join(message.split("\n"))  # one line, whatever the message holds
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)

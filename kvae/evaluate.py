@@ -12,14 +12,14 @@ are merged into RUN/metrics.json under "eval".
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import KVAEError, cli_errors
+from kvae.errors import ArgumentParser, KVAEError, cli_errors
 from kvae.files import atomic_write_text
 
 LOG_2PI = math.log(2 * math.pi)
@@ -143,7 +143,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m kvae.evaluate",
         description="Held-out negative ELBO and importance-sampled -log P(X) of a trained run.")
     parser.add_argument("run", help="run folder written by python -m kvae.fit")
@@ -169,14 +169,21 @@ def main(argv=None) -> None:
             raise KVAEError(f"{run} has no vae.keras: its training has not finished "
                             "(continue it with python -m kvae.fit --resume --out RUN)")
         config = Config.from_json(run / "config.json")
+        read_metrics(run)  # an unreadable metrics.json fails now, not after the evaluation
         from kvae import data as kdata
 
         name = args.dataset or config.dataset
         split = args.split or "val"
+        if split == "test" and (name == "mnist-5k" or Path(name).exists()):
+            raise KVAEError(f"--split test needs a TFDS dataset with a test split; {name} has only "
+                            "the run's held-out examples: use --split val (the default)")
         data = kdata.load(name, config.data_dir, config.val_size, split="test" if split == "test" else "train")
-        from kvae.model import load_vae
+        from kvae.model import VAE, load_vae
 
         vae = _load(run / "vae.keras", load_vae)
+        if not isinstance(vae, VAE):
+            raise KVAEError(f"{run / 'vae.keras'} holds a {type(vae).__name__} ({vae.name!r}), not a kvae "
+                            f"VAE: write it again with python -m kvae.fit --resume --out {run}")
         if data.image_shape != vae.image_shape:
             raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}")
         result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
@@ -188,17 +195,34 @@ def main(argv=None) -> None:
 
 
 def _load(path: Path, loader):
+    again = f"write it again with python -m kvae.fit --resume --out {path.parent}"
+    if not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise KVAEError(f"{path} is not a complete .keras file (truncated or corrupt): {again}")
     try:
         return loader(path)
-    except Exception as e:  # a truncated or corrupt .keras file
-        raise KVAEError(f"cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # a corrupt .keras file, or one with unknown (unsafe) layers
+        text = (str(e).strip().splitlines() or [""])[0][:200]
+        raise KVAEError(f"cannot load {path}: {type(e).__name__}: {text} ({again})") from None
+
+
+def read_metrics(run: Path) -> dict:
+    """RUN/metrics.json as a dict ({} if there is none)."""
+    path = Path(run) / "metrics.json"
+    if not path.exists():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KVAEError(f"cannot read {path}: {e} (fix it or delete it)") from None
+    if not isinstance(values, dict):
+        raise KVAEError(f"{path} is not a JSON object (fix it or delete it)")
+    return values
 
 
 def merge_metrics(run: Path, values: dict) -> None:
     """Merges `values` into RUN/metrics.json (atomically)."""
-    path = Path(run) / "metrics.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    atomic_write_text(path, json.dumps({**current, **values}, indent=2) + "\n")
+    atomic_write_text(Path(run) / "metrics.json",
+                      json.dumps({**read_metrics(run), **values}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -60,13 +60,14 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from kvae.errors import KVAEError
-from kvae.files import atomic_path, atomic_write_text
+from kvae.errors import KVAEError, describe_os_error
+from kvae.files import atomic_path, atomic_write_text, remove_stale_temps
 
 HALVES = ("encoder", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -218,6 +219,9 @@ def load_run(run: str | Path) -> Run:
 
     models = {}
     for name in HALVES:
+        if not zipfile.is_zipfile(run / f"{name}.keras"):  # Keras would say "File not found"
+            raise KVAEError(f"{run / (name + '.keras')} is not a complete .keras file (truncated or "
+                            f"corrupt): write it again with python -m kvae.fit --resume --out {run}")
         try:
             models[name] = keras.saving.load_model(run / f"{name}.keras", safe_mode=True, compile=False)
         except Exception as e:  # a truncated or corrupt .keras file
@@ -619,8 +623,13 @@ def _savedmodel(run: Run, half: str, folder: Path, fixed_batches: tuple[int, ...
         archive.add_endpoint(key, fn, input_signature=[
             tf.TensorSpec((batch, *shape), tf.float32, name=INPUT[half])])
         keys.append(key)
-    with _quiet():
-        archive.write_out(str(folder), verbose=False)
+    try:
+        with _quiet():
+            archive.write_out(str(folder), verbose=False)
+    except tf.errors.OpError as e:  # e.g. a full disk where the temporary SavedModel goes
+        reason = e.message.split(";")[-1].split("[Op:")[0].strip()
+        raise KVAEError(f"cannot write the {half}'s temporary SavedModel in {folder.parent}: {reason} "
+                        "(free disk space there, or point TMPDIR at a folder with room)") from None
     return keys
 
 
@@ -774,6 +783,7 @@ def _export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
     entries, name = {}, None
     try:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)  # files a killed export was writing
         with tempfile.TemporaryDirectory(prefix="kvae-export-") as tmp:
             for half in HALVES:
                 for precision in precisions:
@@ -783,7 +793,7 @@ def _export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
                     log(_summary(name, entries[name], time.perf_counter() - started))
             name = None
     except OSError as e:
-        raise KVAEError(f"cannot write to {out}: {e.strerror or e}") from None
+        raise KVAEError(f"cannot write to {out}: {describe_os_error(e)}") from None
     finally:
         if name is not None:  # failed: keep what passed, forget the failed file
             with contextlib.suppress(OSError):

@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename.
 
 A crash (even SIGKILL) leaves either the old file or the new one under the final name, never
-half of one.
+half of one. What a killed writer leaves is a hidden `.tmp-<pid>-*` file, which
+`remove_stale_temps` deletes once that process is gone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ def atomic_path(path: str | Path):
     """Yields a temporary path next to `path`; renames it over `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)  # keeps the extension
+    # .tmp-<pid>-<random>-<name>: keeps the extension; the pid tells a killed writer's leftovers
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix="-" + path.name, dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -27,6 +29,10 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: say which file could not be written
+        if e.filename is None:
+            e.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -39,3 +45,33 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def remove_stale_temps(*folders: str | Path) -> list[Path]:
+    """Deletes the `.tmp-<pid>-*` files that killed writers left in `folders` (not recursive).
+
+    A temporary file whose process is still running (another export writing into the same
+    folder) is left alone. Returns the files removed.
+    """
+    removed = []
+    for folder in folders:
+        for path in sorted(Path(folder).glob(".tmp-*")):
+            pid = path.name.split("-")[1]
+            if (pid.isdigit() and _running(int(pid))) or not path.is_file():
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill would terminate it; keep the file
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

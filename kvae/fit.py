@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from kvae.config import Config, ConfigError, add_config_flags, config_from_args
-from kvae.errors import KVAEError, cli_errors
-from kvae.files import atomic_path, atomic_write_text
+from kvae.errors import ArgumentParser, KVAEError, cli_errors
+from kvae.files import atomic_path, atomic_write_text, remove_stale_temps
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m kvae.fit",
         description="Train a variational autoencoder (Keras 3, TFP posterior) and write a run folder.",
         epilog="Precedence: defaults < --config FILE < flags. Example: python -m kvae.fit "
@@ -113,9 +113,6 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     keras.utils.set_random_seed(config.seed)
     keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
 
-    out.mkdir(parents=True, exist_ok=True)
-    config.to_json(out / "config.json")
-
     steps = kdata.steps_per_epoch(len(dataset.x_train), config.batch_size)
     total_steps = steps * config.epochs
     with strategy.scope():
@@ -130,6 +127,11 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
                     steps_per_execution=min(config.steps_per_execution, steps))
         vae.optimizer.build(vae.trainable_variables)
 
+    # written once the model exists: a model too big for memory leaves no half-started run behind
+    out.mkdir(parents=True, exist_ok=True)
+    config.to_json(out / "config.json")
+    if resume:
+        remove_stale_temps(out, out / "state")  # what a killed run was writing
     state = RunState(out, config)
     initial_epoch = state.restore(vae, Path(config.out)) if resume else 0  # workers read the chief's
     if initial_epoch >= config.epochs:
@@ -217,14 +219,14 @@ def finish(vae, dataset, config: Config, state) -> dict:
             state.epochs_trained_here * steps * min(config.batch_size, n_train)
             / max(state.train_seconds, 1e-9), 1),
     }
-    from kvae.evaluate import evaluate, save_figures
+    from kvae.evaluate import evaluate, read_metrics, save_figures
 
     save_figures(vae, dataset.x_val, dataset.y_val, out)
     if config.eval_k:
         metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
                                    split="val", dataset=config.dataset, labels=dataset.y_val)
     path = out / "metrics.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
+    previous = read_metrics(out)
     atomic_write_text(path, json.dumps({**previous, **metrics}, indent=2) + "\n")
     print(f"kvae.fit: best val loss {state.best_val_loss:.2f} nats (epoch {state.best_epoch + 1}); "
           f"wrote {out}")

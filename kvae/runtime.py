@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,7 @@ class _Session:
             raise RuntimeInputError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
         self.prefer_fixed = prefer_fixed
+        self._lock = threading.Lock()  # a LiteRT interpreter runs one call at a time
         if self.format == "onnx":
             self._open_onnx(threads)
         else:
@@ -285,7 +287,9 @@ class _Session:
             result = dict(zip(self.outputs, values))
         else:
             try:
-                result = self._runners[key](**feeds)
+                with self._lock:  # an interpreter's tensors are shared: threads take turns
+                    result = {name: np.array(value, dtype=np.float32)
+                              for name, value in self._runners[key](**feeds).items()}
             except Exception as e:  # e.g. "failed to reshape" for batches the file cannot take
                 raise RuntimeInputError(f"{self.path}: LiteRT failed on a batch of "
                                         f"{len(next(iter(feeds.values())))}: {_first_line(e)}") from None
@@ -451,7 +455,7 @@ class Decoder(_Half):
 
     def decode(self, z) -> np.ndarray:
         """z (B, latent_dim) or (latent_dim,) -> x_mean (B, H, W, C) or (H, W, C), float32 in [0, 1]."""
-        z = np.asarray(z) if not isinstance(z, np.ndarray) else z
+        z = _array(z, "z")
         single = z.ndim == 1
         z = check_latents(z if not single else z[None], self.latent_dim)
         if len(z) == 0:
@@ -500,11 +504,25 @@ class Encoder(_Half):
 
 def draw_eps(seed, shape) -> np.ndarray:
     """eps ~ N(0, I) as float32 from numpy's Generator (seed: int, Generator or None)."""
+    return _rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def _rng(seed) -> np.random.Generator:
     try:
-        rng = np.random.default_rng(seed)
+        return np.random.default_rng(seed)
     except (TypeError, ValueError) as e:
         raise RuntimeInputError(f"seed must be a non-negative integer or a numpy Generator: {e}") from None
-    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _array(value, what: str) -> np.ndarray:
+    """np.asarray, with ragged or unconvertible input turned into a RuntimeInputError."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. rows of different lengths
+        raise RuntimeInputError(f"{what} must be an array of numbers with rows of equal length: "
+                                f"{_first_line(e)}") from None
 
 
 def _as_float32(a: np.ndarray, what: str) -> np.ndarray:
@@ -521,7 +539,7 @@ def _as_float32(a: np.ndarray, what: str) -> np.ndarray:
 
 def check_latents(z, latent_dim: int) -> np.ndarray:
     """z -> float32 (B, latent_dim), or a RuntimeInputError that says what is wrong."""
-    z = np.asarray(z)
+    z = _array(z, "z")
     if z.ndim != 2 or z.shape[1] != latent_dim:
         raise RuntimeInputError(f"z must have shape (batch, {latent_dim}) (this decoder's latent size "
                                 f"is {latent_dim}); got {z.shape}")
@@ -530,7 +548,7 @@ def check_latents(z, latent_dim: int) -> np.ndarray:
 
 def check_images(x, image_shape) -> tuple[np.ndarray, bool]:
     """Images -> (float32 (B, H, W, C) in [0, 1], whether one image was given)."""
-    x = np.asarray(x)
+    x = _array(x, "images")
     h, w, c = image_shape
     single = False
     if x.shape == (h, w, c):
@@ -674,7 +692,7 @@ class VAE:
         if likelihood == "gaussian" and not (sigma and sigma > 0):
             raise RuntimeInputError("a Gaussian likelihood needs sigma > 0 (manifest.json or sigma=...)")
         x, single = check_images(x, self.image_shape)
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
         pixels = int(np.prod(self.image_shape))
         rows = max(1, budget // pixels)  # decoded images per step
         out = np.empty(len(x), np.float64)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import KVAEError, cli_errors
+from kvae.errors import ArgumentParser, KVAEError, cli_errors
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m kvae.sample",
         description="Sample images from an exported decoder (.onnx or .tflite) without TensorFlow.",
         epilog="Example: python -m kvae.sample runs/quickstart --n 64 --seed 0 --out grid.png")
@@ -52,6 +52,8 @@ def main(argv=None) -> None:
             raise KVAEError("--n must be a positive integer")
         if args.seed is not None and args.seed < 0:
             raise KVAEError("--seed must be a non-negative integer")
+        if args.cols is not None and args.cols < 1:
+            raise KVAEError("--cols must be a positive integer")
         out = Path(args.out)
         if out.suffix.lower() not in (".png", ".npy"):
             raise KVAEError(f"--out must end in .png or .npy, got {out}")
