@@ -110,7 +110,8 @@ def _npz(path: Path):
     try:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f.files:
-                raise KVAEError(f"{path} has no array named 'x' (found: {', '.join(f.files) or 'none'})")
+                raise KVAEError(f"{path} has no array named 'x' (found: {', '.join(f.files) or 'none'}): "
+                                "save the images with numpy.savez(path, x=images)")
             x = f["x"]
             y = f["y"] if "y" in f.files else None
     except KVAEError:
@@ -144,7 +145,7 @@ def _folder(path: Path):
                 modes.add("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
                 images.append(im.copy())
         except (UnidentifiedImageError, OSError) as e:
-            raise KVAEError(f"cannot read image {f}: {e}") from None
+            raise KVAEError(f"cannot read image {f}: {e} (remove it from the folder or replace it)") from None
     mode = "L" if modes == {"L"} else "RGB"
     sizes = {im.size for im in images}
     if len(sizes) > 1:
@@ -162,7 +163,7 @@ def _check_pixels(x: np.ndarray, name: str) -> None:
     if x.dtype == np.uint8:
         return
     if not np.all(np.isfinite(x)):
-        raise KVAEError(f"{name} has NaN or infinite pixel values")
+        raise KVAEError(f"{name} has NaN or infinite pixel values: remove or repair those images")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
         raise KVAEError(f"{name} has float pixels in [{lo:g}, {hi:g}]; floats must lie in [0, 1] "

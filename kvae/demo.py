@@ -190,15 +190,16 @@ def lan_address() -> str | None:
 def make_server(run: str | Path, host: str = "127.0.0.1", port: int = 8000,
                 app_dir: Path = APP_DIR, quiet: bool = False) -> DemoServer:
     """Checks the folders and binds the server (not started: call `serve_forever`)."""
-    export_dir = check_folders(Path(run), app_dir)
     if not 0 <= port <= 65535:
         raise KVAEError(f"--port must be 0..65535 (0 picks a free port), got {port}")
+    export_dir = check_folders(Path(run), app_dir)
     try:
         return DemoServer((host, port), export_dir, app_dir, quiet=quiet)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise KVAEError(f"port {port} is in use on {host}: pass another --port") from None
-        raise KVAEError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise KVAEError(f"cannot listen on {host}:{port}: {e.strerror or e} (check --host: 127.0.0.1 "
+                        "is this machine only, 0.0.0.0 every network it is on)") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

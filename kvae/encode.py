@@ -59,7 +59,7 @@ def read_images(files, image_shape, resize: bool = False) -> np.ndarray:
                     im = im.resize((w, h), Image.BILINEAR)
                 images.append(np.asarray(im, dtype=np.uint8).reshape(h, w, c))
         except (UnidentifiedImageError, OSError) as e:
-            raise KVAEError(f"cannot read image {f}: {e}") from None
+            raise KVAEError(f"cannot read image {f}: {e} (pass png, jpg, bmp, gif or webp files)") from None
     return np.stack(images)
 
 

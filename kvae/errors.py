@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import sys
 
 
@@ -17,7 +18,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag ends with one line (no usage dump) and exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        name = self.prog.removeprefix("python -m ").removeprefix("python ")  # as cli_errors says it
+        self.exit(2, f"{name}: error: {message} (see {self.prog} --help)\n")
 
 
 # What to do about an OSError, by errno: the disk, the permissions or the path.
@@ -38,8 +40,10 @@ _OS_HINTS = {
 
 def describe_os_error(e: OSError) -> str:
     """One line: what the system refused, on which file, and what to do."""
-    what = e.strerror or (os.strerror(e.errno) if isinstance(e.errno, int) else None) or (
-        str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if isinstance(e.errno, int) and e.errno > 0:  # h5py puts its own long text in strerror
+        what = os.strerror(e.errno)
+    else:
+        what = e.strerror or (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     where = f": {e.filename}" if e.filename else ""
     hint = _OS_HINTS.get(e.errno, "check the path, the free disk space and the permissions")
     return f"{what}{where} ({hint})"
@@ -63,8 +67,9 @@ def cli_errors(prog: str):
     except Exception as e:
         if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out-of-memory error
             raise
-        _fail(prog, "out of memory: " + _first_line(e) + " (use a smaller --batch-size, --hidden "
-              "or --latent-dim)")
+        text = re.sub(r"\{\{.*?\}\}\s*", "", _first_line(e))  # TF's function-node prefix
+        text = text.split(" on /job:")[0].split(" [Op:")[0]
+        _fail(prog, f"out of memory: {text} (use a smaller --batch-size, --hidden or --latent-dim)")
 
 
 def _first_line(e: BaseException) -> str:

@@ -66,7 +66,8 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc=f"IWAE k={k}", unit="batch", leave=False)
+        batches = tqdm(batches, desc=f"IWAE k={k}", unit="batch", leave=False,
+                       disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
     for b_index, start in enumerate(batches):
         xb = tf.constant(x[start:start + batch_size], tf.float32)
         loc, scale = vae.encoder(xb)
@@ -185,7 +186,8 @@ def main(argv=None) -> None:
             raise KVAEError(f"{run / 'vae.keras'} holds a {type(vae).__name__} ({vae.name!r}), not a kvae "
                             f"VAE: write it again with python -m kvae.fit --resume --out {run}")
         if data.image_shape != vae.image_shape:
-            raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}")
+            raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}: "
+                            f"pass a --dataset of {vae.image_shape} images")
         result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
                           seed=args.seed, split=split, dataset=name, labels=data.y_val, progress=True)
         print(format_table(result))

@@ -425,7 +425,7 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: _Session,
             None not in image and list(image) != info["image_shape"]):
         raise RuntimeInputError(f"{session.path} takes latent size {latent} and images {list(image)} "
                                 f"but its {source} says {info['latent_dim']} and {info['image_shape']}: "
-                                "the file and its manifest are from different exports")
+                                "the file and its manifest are from different exports: export the run again")
     info["source"] = source
     return info
 
