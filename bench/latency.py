@@ -88,33 +88,38 @@ def log(message: str = "") -> None:
 # Export first when files are missing
 
 
+def filename(half: str, precision: str, fmt: str) -> str:
+    """decoder.tflite, decoder.int8.onnx, ... (the export contract)."""
+    return f"{half}.{fmt}" if precision == "fp32" else f"{half}.{precision}.{fmt}"
+
+
 def export_paths(run: Path) -> dict[str, Path]:
     """The 12 exported files of the contract: name -> path."""
-    out = run / "export"
-    return {f"{half}{'' if p == 'fp32' else '.' + p}.{fmt}": out / f"{half}{'' if p == 'fp32' else '.' + p}.{fmt}"
+    return {filename(half, p, fmt): run / "export" / filename(half, p, fmt)
             for half in HALVES for p in PRECISIONS for fmt in FORMATS}
 
 
 def ensure_export(run: Path) -> list[str]:
     """Runs the export scripts for the formats whose files are missing; returns the commands run."""
+    run = Path(run).resolve()
     if not (run / "config.json").is_file() or not (run / "decoder.keras").is_file():
         raise KVAEError(f"{run} is not a finished run folder (no config.json or decoder.keras); "
                         f"train one first: python -m kvae.fit --out {run}")
-    manifest = run / "export" / "manifest.json"
-    listed = json.loads(manifest.read_text()).get("files", {}) if manifest.is_file() else {}
+    try:
+        listed = json.loads((run / "export" / "manifest.json").read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):  # no manifest yet, or an unreadable one
+        listed = {}
     commands = []
     for fmt in FORMATS:
         missing = [n for n, p in export_paths(run).items()
                    if n.endswith(fmt) and not (p.is_file() and n in listed)]
         if missing:
-            script = ["export/to_tflite.py", str(run), "--fixed-batch", "1", "64"] if fmt == "tflite" \
-                else ["export/to_onnx.py", str(run)]
-            log(f"latency: {run}/export lacks {', '.join(missing)}: python {' '.join(script)}")
-            result = subprocess.run([sys.executable, *script], cwd=ROOT)
+            args = [f"export/to_{fmt}.py", str(run)] + (["--fixed-batch", "1", "64"] if fmt == "tflite" else [])
+            log(f"latency: {run}/export lacks {', '.join(missing)}: python {' '.join(args)}")
+            result = subprocess.run([sys.executable, str(ROOT / args[0]), *args[1:]], cwd=ROOT)
             if result.returncode != 0:
-                raise KVAEError(f"exporting {run} failed (python {' '.join(script)}, exit "
-                                f"{result.returncode})")
-            commands.append("python " + " ".join(script))
+                raise KVAEError(f"exporting {run} failed (python {' '.join(args)}, exit {result.returncode})")
+            commands.append("python " + " ".join(args))
     return commands
 
 
@@ -135,9 +140,6 @@ class Case:
     call: Callable[[], object]
     file: str | None = None
     times: list | None = None
-
-    def key(self) -> tuple:
-        return (self.half, self.engine, self.precision, self.signature, self.threads, self.batch)
 
 
 def _inputs(half: str, batch: int, latent_dim: int, image_shape) -> np.ndarray:
@@ -192,7 +194,7 @@ def litert_cases(export: Path, batches, threads, latent_dim: int, image_shape, s
     cases = []
     for half in HALVES:
         for precision in PRECISIONS:
-            name = f"{half}{'' if precision == 'fp32' else '.' + precision}.tflite"
+            name = filename(half, precision, "tflite")
             keys = signatures.get(name, [])
             for t in threads:
                 def open_():
@@ -218,7 +220,7 @@ def onnxruntime_cases(export: Path, batches, threads, latent_dim: int, image_sha
     cases = []
     for half in HALVES:
         for precision in PRECISIONS:
-            name = f"{half}{'' if precision == 'fp32' else '.' + precision}.onnx"
+            name = filename(half, precision, "onnx")
             for t in threads:
                 options = ort.SessionOptions()
                 options.log_severity_level = 3
@@ -451,6 +453,11 @@ def measure(run: str | Path, seconds: float = 0.5, rounds: int = 5, threads=(1, 
     manifest = json.loads((export / "manifest.json").read_text())
     latent_dim, image_shape = int(manifest["latent_dim"]), [int(d) for d in manifest["image_shape"]]
     signatures = {name: list(e.get("signatures") or {}) for name, e in manifest.get("files", {}).items()}
+    no_fixed = sorted({f"batch{b}" for name in export_paths(run) if name.endswith(".tflite")
+                       for b in batches if f"batch{b}" not in signatures.get(name, [])})
+    if no_fixed:
+        log(f"latency: the .tflite files lack the fixed signatures {', '.join(no_fixed)} (no 'fixed' rows "
+            f"for them); export with: python export/to_tflite.py {run} --fixed-batch 1 64")
     load_before = os.getloadavg()
     started = time.perf_counter()
 
@@ -490,6 +497,7 @@ def measure(run: str | Path, seconds: float = 0.5, rounds: int = 5, threads=(1, 
         "versions": versions(),
         "seconds": time.perf_counter() - started,
         "latency": rows, "sizes": files, "cold_start": cold, "goals": goals(rows, files),
+        "missing_fixed_signatures": no_fixed,
         "notes": [
             "ms: median over every timed call (after warm-up) of one case; p10/p90 beside it. "
             "samples_per_s = batch / median. Every call takes numpy inputs and returns numpy outputs.",
@@ -566,8 +574,7 @@ def size_table(result: dict) -> str:
         for fmt in FORMATS:
             cell = {}
             for p in PRECISIONS:
-                e = files[f"{half}{'' if p == 'fp32' else '.' + p}.{fmt}"]
-                cell[p] = e
+                cell[p] = files[filename(half, p, fmt)]
             lines.append(f"| {half} .{fmt} | {cell['fp32']['size'] / 1e6:.2f} MB | "
                          f"{cell['fp16']['size'] / 1e6:.2f} MB ({cell['fp16']['vs_fp32']:.0%}) | "
                          f"{cell['int8']['size'] / 1e6:.2f} MB ({cell['int8']['vs_fp32']:.0%}) | "

@@ -52,6 +52,7 @@ def test_latency_measures_every_engine(exported_conv):
     # the test export has the exporter's default fixed signature batch1 only: fixed rows at batch 1
     fixed = {(r["half"], r["batch"]) for r in rows if r["signature"] == "fixed"}
     assert fixed == {("encoder", 1), ("decoder", 1)}
+    assert result["missing_fixed_signatures"] == ["batch2"]
     for r in rows:
         assert r["calls"] >= 2 and 0 < r["p10_ms"] <= r["ms"] <= r["p90_ms"], r
         assert r["samples_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms"])
