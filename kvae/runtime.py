@@ -461,6 +461,9 @@ class Decoder(_Half):
         if len(z) == 0:
             return np.zeros((0, *self.image_shape), np.float32)
         x_mean = self.session.run(z=z)["x_mean"]
+        _check_output(x_mean, "x_mean", self.path, f"for z up to |{float(np.abs(z).max()):.3g}|",
+                      "keep z to moderate values (the prior is N(0, I)); if they are, the file is "
+                      "broken: export it again")
         return x_mean[0] if single else x_mean
 
     def sample(self, n: int, seed=None) -> np.ndarray:
@@ -496,10 +499,21 @@ class Encoder(_Half):
             return empty, empty.copy()
         out = self.session.run(x=x)
         loc, scale = out["loc"], out["scale"]
+        _check_output(np.concatenate([loc, scale]), "loc, scale", self.path, "for images in [0, 1]",
+                      "the file is broken: export it again")
         return (loc[0], scale[0]) if single else (loc, scale)
 
 
 # --------------------------------------------------------------------------- input checks
+
+
+def _check_output(values: np.ndarray, what: str, path: Path, context: str, advice: str) -> None:
+    """NaN or inf out of a model (z near the float32 limit, or a broken file) is an error, never
+    a silent result."""
+    if not np.all(np.isfinite(values)):
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise RuntimeInputError(f"{path} gave {bad} NaN or infinite value(s) of {what} {context}: "
+                                f"{advice}")
 
 
 def draw_eps(seed, shape) -> np.ndarray:
