@@ -147,6 +147,14 @@ def keras_zip_with(config: str, name: str = "vae.keras"):
     return make
 
 
+def lambda_model(path: Path) -> None:
+    """A .keras file whose Lambda layer would run arbitrary Python code when loaded unsafely."""
+    import keras
+
+    x = keras.Input((28, 28, 1), name="x")
+    keras.Model(x, keras.layers.Lambda(lambda t: t * 2)(x)).save(path)
+
+
 def truncate(path: Path, keep: float = 0.3) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -292,6 +300,9 @@ CASES = [
          "not a complete .keras file", r"python -m kvae.fit --resume --out"),
     Case("evaluate-corrupt-keras", "evaluate", lambda c: [_run_with(c, keras_zip_with("{not json"))],
          "cannot load .*vae.keras", "--resume"),
+    Case("evaluate-code-in-keras-file", "evaluate", lambda c: [_run_with(c, lambda r: lambda_model(r / "vae.keras"))],
+         "cannot load .*vae.keras: ValueError: Requested the deserialization of a `Lambda` layer",
+         "--resume"),  # safe_mode=True: never runs code from a file
     Case("evaluate-not-a-vae", "evaluate",
          lambda c: [_run_with(c, lambda r: shutil.copy(r / "decoder.keras", r / "vae.keras"))],
          "holds a Functional .* not a kvae VAE", "--resume"),
@@ -321,6 +332,9 @@ CASES = [
     Case("onnx-corrupt-keras", "to_onnx",
          lambda c: [_run_with(c, keras_zip_with('{"class_name": "Nope"}', "encoder.keras"))],
          "cannot load .*encoder.keras"),
+    Case("tflite-code-in-keras-file", "to_tflite",
+         lambda c: [_run_with(c, lambda r: lambda_model(r / "encoder.keras"))],
+         "cannot load .*encoder.keras: ValueError: Requested the deserialization of a `Lambda` layer"),
     Case("onnx-out-is-a-file", "to_onnx", lambda c: [str(c.run), "--out", c.folder("f", {"a": ""}) + "/a"],
          "--out .* is a file, not a folder"),
     Case("onnx-out-under-a-file", "to_onnx",
@@ -594,3 +608,20 @@ def test_shell_tflite_export_full_disk(exported, tmp_path):
     assert line.startswith("export/to_tflite.py: error: cannot write the encoder's temporary SavedModel"), line
     assert "point TMPDIR at a folder with room" in line
     assert not [p for p in (run / "export").rglob("*") if p.name != "manifest.json"]
+
+
+def test_keras_files_are_only_loaded_in_safe_mode():
+    """Every load_model call in the library and the scripts passes safe_mode=True (a Lambda layer
+    in a .keras file could otherwise run arbitrary code; see the code-in-keras-file cases)."""
+    import ast
+
+    calls = []
+    for path in [*(ROOT / "kvae").glob("*.py"), *(ROOT / "export").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "load_model", "load_vae"):
+                safe = [k for k in node.keywords if k.arg == "safe_mode"]
+                calls.append((f"{path.name}:{node.lineno}", getattr(node.func, "attr", getattr(node.func, "id", "")),
+                              bool(safe) and isinstance(safe[0].value, ast.Constant) and safe[0].value.value is True))
+    load_model = [c for c in calls if c[1] == "load_model"]
+    assert load_model and all(ok for _, _, ok in load_model), load_model
