@@ -30,10 +30,10 @@ def small_npz(tmp_path_factory):
     return str(path)
 
 
-def fit_args(npz, out, *extra):
-    return ["--dataset", npz, "--out", str(out), "--epochs", "3", "--latent-dim", "4",
+def fit_args(npz, out, *extra, epochs=3):
+    return ["--dataset", npz, "--out", str(out), "--epochs", str(epochs), "--latent-dim", "4",
             "--hidden", "32", "--batch-size", "64", "--val-size", "64", "--eval-k", "0",
-            "--arch", "mlp", *extra]
+            "--arch", "mlp", "--lr", "0.001", "--kl-warmup", "0", *extra]
 
 
 def final_val_loss(run):
@@ -42,16 +42,18 @@ def final_val_loss(run):
 
 
 def test_mirrored_on_two_devices_matches_one_device(small_npz, tmp_path):
-    one = subprocess.run([sys.executable, "-m", "kvae.fit", *fit_args(small_npz, tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "kvae.fit",
+                          *fit_args(small_npz, tmp_path / "one", epochs=15)],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-c", TWO_CPUS,
-                          *fit_args(small_npz, tmp_path / "two", "--strategy", "mirrored")],
+                          *fit_args(small_npz, tmp_path / "two", "--strategy", "mirrored", epochs=15)],
                          capture_output=True, text=True)
     assert two.returncode == 0, two.stderr
     assert "strategy mirrored with 2 replica(s); global batch 64" in two.stdout
     a, b = final_val_loss(tmp_path / "one"), final_val_loss(tmp_path / "two")
-    # Same global batch, same data order; only eps differ (each replica draws its own).
+    # Same global batch, same data order; only eps differ (each replica draws its own), so the
+    # curves agree once past the steep first epochs (15 epochs of 14 steps).
     assert abs(a - b) / a < 0.03, (a, b)
 
 
