@@ -104,6 +104,10 @@ def _mnist_5k():
 def _npz(path: Path):
     if not path.exists():
         raise KVAEError(f"no such file: {path}")
+    try:
+        open(path, "rb").close()
+    except OSError as e:  # e.g. no permission; is_zipfile below would just say False
+        raise KVAEError(f"cannot read {path}: {e.strerror or e} (check its permissions)") from None
     if not zipfile.is_zipfile(path):  # np.load would call it "pickled data"
         raise KVAEError(f"cannot read {path} as .npz: not a zip archive (truncated, or another "
                         "format): save images with numpy.savez(path, x=images)")

@@ -115,6 +115,20 @@ def half_written_then_enospc(monkeypatch):
     monkeypatch.setattr(Path, "write_bytes", write_bytes)
 
 
+def unreadable(monkeypatch):
+    """Files named locked.* cannot be opened (as without read permission, which root ignores)."""
+    import builtins
+
+    from kvae import data
+
+    def locked_open(file, *args, **kwargs):
+        if Path(file).name.startswith("locked."):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", locked_open, raising=False)
+
+
 def offline(monkeypatch):
     from kvae import data
 
@@ -240,6 +254,9 @@ CASES = [
          "is not in .* network is unreachable", "--dataset mnist-5k", fault=offline),
     Case("fit-missing-npz", "fit", lambda c: ["--dataset", c.path("missing.npz"), *FIT_OUT],
          "no such file"),
+    Case("fit-unreadable-npz", "fit", lambda c: ["--dataset", c.npz("locked.npz", x=np.zeros((9, 4, 4))),
+                                                 *FIT_OUT], "cannot read .*locked.npz: Permission denied",
+         "check its permissions", fault=unreadable),
     Case("fit-empty-folder", "fit", lambda c: ["--dataset", c.folder("empty", {}), *FIT_OUT],
          "no images .* in folder"),
     Case("fit-no-image-files", "fit", lambda c: ["--dataset", c.folder("txt", {"a.txt": "hi", "b.csv": "1,2"}),
@@ -618,10 +635,8 @@ def test_keras_files_are_only_loaded_in_safe_mode():
     calls = []
     for path in [*(ROOT / "kvae").glob("*.py"), *(ROOT / "export").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
-                    "load_model", "load_vae"):
-                safe = [k for k in node.keywords if k.arg == "safe_mode"]
-                calls.append((f"{path.name}:{node.lineno}", getattr(node.func, "attr", getattr(node.func, "id", "")),
-                              bool(safe) and isinstance(safe[0].value, ast.Constant) and safe[0].value.value is True))
-    load_model = [c for c in calls if c[1] == "load_model"]
-    assert load_model and all(ok for _, _, ok in load_model), load_model
+            func = getattr(node, "func", None)
+            if isinstance(node, ast.Call) and getattr(func, "attr", getattr(func, "id", None)) == "load_model":
+                safe = {k.arg: k.value for k in node.keywords}.get("safe_mode")
+                calls.append((f"{path.name}:{node.lineno}", isinstance(safe, ast.Constant) and safe.value is True))
+    assert calls and all(ok for _, ok in calls), calls

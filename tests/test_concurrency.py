@@ -2,8 +2,9 @@
 requests.
 
 - 10,000 decodes from 8 threads through ONE `kvae.runtime.Decoder` (ONNX and TFLite), three
-  rounds, give exactly the outputs of serial calls, and the process's resident memory stays flat. onnxruntime sessions are thread-safe; a LiteRT interpreter is not, so the runtime
-  serializes its calls (without that, 15-25% of the outputs came back wrong here).
+  rounds, give exactly the outputs of serial calls, and the process's resident memory stays flat.
+  onnxruntime sessions are thread-safe; a LiteRT interpreter is not, so the runtime serializes its
+  calls (without that, 15-25% of the outputs came back wrong here).
 - `python -m kvae.demo`'s server answers 500 simultaneous requests from a client on 127.0.0.1
   (model files byte for byte, the manifest, the page) while idle connections hang on it, refuses
   every path-traversal variant among them and lists no directories, and keeps answering after.

@@ -1,8 +1,9 @@
 """Crash safety: SIGKILL at random points loses nothing.
 
 - `python -m kvae.fit` killed three times (at a random moment of training, in the middle of writing
-  an epoch's weights, and while it writes the final models), then `--resume`: the run completes, history.csv has
-  every epoch exactly once, and the final weights equal an uninterrupted run's (CPU, same seed).
+  an epoch's weights, and while it writes the final models), then `--resume`: the run completes,
+  history.csv has every epoch exactly once, and the final weights equal an uninterrupted run's
+  (CPU, same seed).
 - `export/to_onnx.py` and `export/to_tflite.py` killed mid-export: no partial file under a final
   name, and a rerun produces a complete export folder whose files match the manifest and run.
 
@@ -199,7 +200,8 @@ def check_final_names(export: Path) -> list[str]:
 
     names = sorted(p.name for p in export.iterdir()
                    if p.suffix in (".onnx", ".tflite") and not p.name.startswith("."))
-    manifest = json.loads((export / "manifest.json").read_text()) if (export / "manifest.json").exists() else {}
+    path = export / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
     for name in names:
         half = Decoder if name.startswith("decoder") else Encoder
         try:
@@ -236,7 +238,8 @@ def test_export_killed_then_rerun_is_complete(run_copy, script, when):
     rerun = Child(args)
     assert rerun.finish() == 0, rerun.output()
     fmt = "onnx" if script.endswith("onnx.py") else "tflite"
-    expected = sorted(f"{half}{precision}.{fmt}" for half in ("encoder", "decoder") for precision in ("", ".fp16"))
+    expected = sorted(f"{half}{precision}.{fmt}" for half in ("encoder", "decoder")
+                      for precision in ("", ".fp16"))
     assert check_final_names(export) == expected
     manifest = json.loads((export / "manifest.json").read_text())
     assert sorted(manifest["files"]) == expected
