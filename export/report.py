@@ -9,7 +9,6 @@ the fixed `batch1` signature; onnxruntime), 1 thread, best of 5 rounds.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from kvae.errors import KVAEError, cli_errors  # noqa: E402
+from kvae.errors import ArgumentParser, KVAEError, cli_errors  # noqa: E402
 
 ORDER = {"encoder": 0, "decoder": 1, "tflite": 0, "onnx": 1, "fp32": 0, "fp16": 1, "int8": 2}
 
@@ -145,7 +144,7 @@ def latency_table(export: Path, manifest: dict, rounds: int = 5, budget: float =
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python export/report.py",
         description="Print the parity/size/NLL table of a run's exported files (Markdown).")
     parser.add_argument("run", help="run folder (or its export folder)")
