@@ -36,3 +36,27 @@ def trained_run(tmp_path_factory):
         return cache[key]
 
     return train
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run):
+    """Returns export(arch="conv") -> run folder with every file exported into RUN/export.
+
+    Exports once per run: whichever test file asks first exports, the others reuse the files.
+    """
+
+    def export_all(arch: str = "conv") -> Path:
+        import json
+
+        from kvae import export
+
+        run = trained_run(arch)
+        manifest = run / "export" / "manifest.json"
+        for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
+            names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
+            listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
+            if not all(n in listed and (run / "export" / n).exists() for n in names):
+                export_fn(export.load_run(run))
+        return run
+
+    return export_all

@@ -47,19 +47,10 @@ TF_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] |WARNING:
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run) -> Path:
+def exported(exported_run) -> Path:
     """The conv test run with every file exported (shared with test_runtime / test_export: whichever
     runs first exports, the others reuse it). Cases only read it."""
-    from kvae import export
-
-    run = trained_run("conv")
-    manifest = run / "export" / "manifest.json"
-    for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-        names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
-        listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-        if not all(n in listed and (run / "export" / n).exists() for n in names):
-            export_fn(export.load_run(run))
-    return run
+    return exported_run("conv")
 
 
 class Ctx:

@@ -22,18 +22,9 @@ def load_script(name: str):
 
 
 @pytest.fixture(scope="session")
-def exported_conv(trained_run) -> Path:
+def exported_conv(exported_run) -> Path:
     """The conv test run with every file exported (same check as tests/test_runtime.py's fixture)."""
-    from kvae import export
-
-    run = trained_run("conv")
-    manifest = run / "export" / "manifest.json"
-    for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-        names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
-        listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-        if not all(n in listed and (run / "export" / n).exists() for n in names):
-            export_fn(export.load_run(run))
-    return run
+    return exported_run("conv")
 
 
 def test_latency_measures_every_engine(exported_conv):

@@ -13,7 +13,6 @@ requests.
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import socket
 import threading
@@ -34,18 +33,9 @@ RSS_GROWTH_MB = 32  # and all rounds together by less than this
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run) -> Path:
+def exported(exported_run) -> Path:
     """The conv test run with every file exported (shared with the other test files)."""
-    from kvae import export
-
-    run = trained_run("conv")
-    manifest = run / "export" / "manifest.json"
-    for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-        names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
-        listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-        if not all(n in listed and (run / "export" / n).exists() for n in names):
-            export_fn(export.load_run(run))
-    return run
+    return exported_run("conv")
 
 
 def rss_mb() -> float:

@@ -45,21 +45,14 @@ FP16_NLL = 0.02  # measured |delta| <= 0.0005
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run):
+def exported(exported_run):
     """arch -> (run folder, kvae.export.Run) with every file exported into RUN/export (once)."""
     cache = {}
 
     def get(arch: str):
         if arch not in cache:
-            folder = trained_run(arch)
-            run = export.load_run(folder)
-            manifest = folder / "export" / "manifest.json"
-            for fmt, fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-                names = {export.filename(h, p, fmt) for h in HALVES for p in export.PRECISIONS}
-                listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-                if not all(n in listed and (folder / "export" / n).exists() for n in names):
-                    fn(run)
-            cache[arch] = (folder, run)
+            folder = exported_run(arch)
+            cache[arch] = (folder, export.load_run(folder))
         return cache[arch]
 
     return get

@@ -13,7 +13,6 @@ Examples are derandomized (the same every run, so CI is reproducible); no exampl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,18 +29,9 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None,
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run) -> Path:
+def exported(exported_run) -> Path:
     """The conv test run with every file exported (shared with the other test files)."""
-    from kvae import export
-
-    run = trained_run("conv")
-    manifest = run / "export" / "manifest.json"
-    for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-        names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
-        listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-        if not all(n in listed and (run / "export" / n).exists() for n in names):
-            export_fn(export.load_run(run))
-    return run
+    return exported_run("conv")
 
 
 @pytest.fixture(scope="session")

@@ -42,21 +42,12 @@ BLOCKER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="session")
-def run(trained_run) -> Path:
+def run(exported_run) -> Path:
     """The conv run with every file exported by kvae.export (the export scripts' library), once.
 
     Same check as tests/test_export.py's fixture: whichever runs first exports, the other reuses.
     """
-    from kvae import export
-
-    run = trained_run("conv")
-    manifest = run / "export" / "manifest.json"
-    for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-        names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
-        listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
-        if not all(n in listed and (run / "export" / n).exists() for n in names):
-            export_fn(export.load_run(run))
-    return run
+    return exported_run("conv")
 
 
 @pytest.fixture(scope="session")
