@@ -101,7 +101,7 @@ def summarize(per_example: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def evaluate(vae, x: np.ndarray, binarize: str, k: int = 1000, n: int | None = None,
-             seed: int = 0, split: str = "val", dataset: str = "", labels=None,
+             seed: int = 0, split: str = "val", dataset: str = "",
              progress: bool = False) -> dict:
     """NLL (IWAE, k samples) and negative ELBO on held-out images `x` (uint8 or [0, 1] floats)."""
     from kvae.data import EVAL_SEED, binarize_fixed
@@ -189,7 +189,7 @@ def main(argv=None) -> None:
             raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}: "
                             f"pass a --dataset of {vae.image_shape} images")
         result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
-                          seed=args.seed, split=split, dataset=name, labels=data.y_val, progress=True)
+                          seed=args.seed, split=split, dataset=name, progress=True)
         print(format_table(result))
         merge_metrics(run, {"eval": result})
         for path in save_figures(vae, data.x_val, data.y_val, run):

@@ -224,7 +224,7 @@ def finish(vae, dataset, config: Config, state) -> dict:
     save_figures(vae, dataset.x_val, dataset.y_val, out)
     if config.eval_k:
         metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
-                                   split="val", dataset=config.dataset, labels=dataset.y_val)
+                                   split="val", dataset=config.dataset)
     path = out / "metrics.json"
     previous = read_metrics(out)
     atomic_write_text(path, json.dumps({**previous, **metrics}, indent=2) + "\n")
