@@ -44,7 +44,6 @@ class RunState(keras.callbacks.Callback):
         self.epochs_done = 0
         self.best_epoch, self.best_val_loss = -1, math.inf
         self.train_seconds = 0.0
-        self.epochs_trained_here = 0
         self.last_logs: dict = {}
         self.nan_epoch: int | None = None
         self.history: list[dict] = []
@@ -66,6 +65,8 @@ class RunState(keras.callbacks.Callback):
         self.best_epoch, self.best_val_loss = progress["best_epoch"], progress["best_val_loss"]
         self.train_seconds = progress["train_seconds"]
         self.last_logs = progress["last_logs"]
+        if self.epochs_done == 0:  # stopped (NaN) before its first epoch was saved
+            return 0
         vae.load_weights(source / STATE / self.weights_path(self.epochs_done - 1).name)
         self.history = _read_history(source / "history.csv")[: self.epochs_done]
         self._write_history()
@@ -81,11 +82,15 @@ class RunState(keras.callbacks.Callback):
             self.model.save_weights(tmp)
         self.history.append({"epoch": epoch + 1, **logs})
         self._write_history()
-        val_loss = logs.get("val_loss", logs.get("loss"))
+        # The best epoch by the full-beta objective: during KL warm-up val_loss uses a smaller beta
+        # and would favour the early, under-regularized epochs.
+        if "val_reconstruction_loss" in logs and "val_kl_loss" in logs:
+            val_loss = logs["val_reconstruction_loss"] + self.config.beta * logs["val_kl_loss"]
+        else:
+            val_loss = logs.get("val_loss", logs.get("loss"))
         if val_loss < self.best_val_loss:
             self.best_epoch, self.best_val_loss = epoch, val_loss
         self.epochs_done, self.last_logs = epoch + 1, logs
-        self.epochs_trained_here += 1
         self.save_progress()
         for old in (self.out / STATE).glob("epoch-*.weights.h5"):  # keep the last and the best
             if old not in (self.weights_path(epoch), self.weights_path(self.best_epoch)):

@@ -146,7 +146,7 @@ def _folder(path: Path):
     for f in files:
         try:
             with Image.open(f) as im:
-                modes.add("L" if im.mode in ("1", "L", "LA", "I", "I;16") else "RGB")
+                modes.add("L" if im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L") else "RGB")
                 images.append(im.copy())
         except (UnidentifiedImageError, OSError) as e:
             raise KVAEError(f"cannot read image {f}: {e} (remove it from the folder or replace it)") from None
@@ -155,10 +155,18 @@ def _folder(path: Path):
     if len(sizes) > 1:
         raise KVAEError(f"images in {path} have different sizes {sorted(sizes)[:4]}; resize them "
                         "to one size first")
-    x = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in images])
+    x = np.stack([_to_uint8(im, mode) for im in images])
     if x.ndim == 3:
         x = x[..., None]
     return x, None
+
+
+def _to_uint8(im, mode: str) -> np.ndarray:
+    """A PIL image as uint8 in `mode`; 16-bit greyscale is scaled (convert("L") would clip it)."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        a = np.asarray(im).astype(np.int64)
+        return (a >> 8 if a.max() > 255 else a).clip(0, 255).astype(np.uint8)
+    return np.asarray(im.convert(mode), dtype=np.uint8)
 
 
 def _check_pixels(x: np.ndarray, name: str) -> None:

@@ -40,20 +40,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Builds the run's config from defaults, --config, a resumed run's config.json and flags."""
+    if args.resume and args.config:
+        raise ConfigError("--resume continues the run with its own config.json; drop --config")
     base = Config.from_json(args.config) if args.config else None
     if args.resume:
-        out = Path(args.out or (base.out if base else Config().out))
+        out = Path(args.out or Config().out)
         saved = out / "config.json"
         if not saved.exists():
             raise KVAEError(f"--resume: {out} holds no run (no config.json); start it without --resume")
         base = Config.from_json(saved)
         changed = [name for name, value in vars(args).items()
-                   if name in base.to_dict() and value is not None and name not in ("epochs", "out")
+                   if name in base.to_dict() and value is not None and name not in RESUMABLE
                    and value != getattr(base, name)]
         if changed:
             raise ConfigError(f"--resume continues the run as configured; cannot change "
-                              f"{', '.join('--' + c.replace('_', '-') for c in changed)} (only --epochs)")
+                              f"{', '.join('--' + c.replace('_', '-') for c in changed)} "
+                              "(only --epochs and --lr)")
+        done = _epochs_done(out)
+        if args.epochs is not None and args.epochs < done:
+            raise ConfigError(f"--resume: {out} has already finished {done} epochs; "
+                              f"--epochs {args.epochs} cannot undo them")
     return config_from_args(args, base)
+
+
+RESUMABLE = ("epochs", "lr", "out")  # what --resume may change (a NaN run resumes with a lower lr)
+
+
+def _epochs_done(out: Path) -> int:
+    try:
+        return int(json.loads((out / "state" / "progress.json").read_text())["epochs_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def check_out(out: Path, resume: bool) -> None:
@@ -215,8 +232,8 @@ def finish(vae, dataset, config: Config, state) -> dict:
         "best_val_loss": state.best_val_loss,
         "final": state.last_logs,
         "train_seconds": round(state.train_seconds, 2),
-        "train_samples_per_second": round(
-            state.epochs_trained_here * steps * min(config.batch_size, n_train)
+        "train_samples_per_second": round(  # all sessions of a resumed run
+            state.epochs_done * steps * min(config.batch_size, n_train)
             / max(state.train_seconds, 1e-9), 1),
     }
     from kvae.evaluate import evaluate, read_metrics, save_figures

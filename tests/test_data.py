@@ -128,3 +128,14 @@ def test_dynamic_binarization_is_unbiased():
     assert abs(np.concatenate(batches).mean() - 77 / 255) < 0.01
     fixed = data.binarize_fixed(x, "dynamic")
     np.testing.assert_array_equal(fixed, data.binarize_fixed(x, "dynamic"))
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    x = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
+    for i in range(3):
+        Image.fromarray(x).save(tmp_path / f"{i}.png")
+    d = data.load(str(tmp_path), val_size=1)
+    assert d.x_train.dtype == np.uint8 and d.x_train.shape == (2, 8, 8, 1)
+    np.testing.assert_array_equal(d.x_train[0, ..., 0], (x >> 8).astype(np.uint8))

@@ -185,3 +185,46 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "kvae.fit: error: --latent-dim must be a positive integer (got -1)"]
+
+
+def test_resume_after_a_nan_in_the_first_epoch_starts_over(tmp_path):
+    from kvae.callbacks import RunState
+    from kvae.config import Config
+
+    state = RunState(tmp_path, Config())
+    state.save_progress()  # what fit() leaves when epoch 1 went NaN: no weights, epochs_done 0
+    assert RunState(tmp_path, Config()).restore(vae=None) == 0
+
+
+def test_best_epoch_is_judged_with_the_full_beta(tmp_path):
+    from kvae.callbacks import RunState
+    from kvae.config import Config
+
+    class Model:
+        stop_training = False
+
+        def save_weights(self, path):
+            open(path, "wb").close()
+
+    state = RunState(tmp_path, Config(beta=1.0))
+    state.set_model(Model())
+    # warm-up epoch (beta 0.2): val_loss 120 looks best, but rec + 1.0 * KL = 140 is worse
+    state.on_epoch_end(0, {"loss": 1, "val_loss": 120, "val_reconstruction_loss": 115, "val_kl_loss": 25})
+    state.on_epoch_end(1, {"loss": 1, "val_loss": 130, "val_reconstruction_loss": 110, "val_kl_loss": 20})
+    assert state.best_epoch == 1 and state.best_val_loss == 130
+
+
+def test_resume_rules(tmp_path):
+    from kvae.config import ConfigError
+    from kvae.fit import parse_args, resolve_config
+
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"epochs": 10, "out": str(run)}))
+    (run / "state" / "progress.json").write_text(json.dumps({"epochs_done": 6}))
+    config = resolve_config(parse_args(["--resume", "--out", str(run), "--lr", "0.0005", "--epochs", "12"]))
+    assert (config.lr, config.epochs) == (0.0005, 12)  # a NaN run resumes with a lower lr
+    with pytest.raises(ConfigError, match="already finished 6 epochs"):
+        resolve_config(parse_args(["--resume", "--out", str(run), "--epochs", "4"]))
+    with pytest.raises(ConfigError, match="drop --config"):
+        resolve_config(parse_args(["--resume", "--out", str(run), "--config", str(run / "config.json")]))
