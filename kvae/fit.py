@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kvae.config import Config, ConfigError, add_config_flags, config_from_args
 from kvae.errors import ArgumentParser, KVAEError, cli_errors
-from kvae.files import atomic_path, atomic_write_text, remove_stale_temps
+from kvae.files import atomic_path, remove_stale_temps
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
@@ -222,7 +222,7 @@ def finish(vae, dataset, config: Config, state) -> dict:
     plots.save_grid(plots.interleave(x, np.asarray(vae.decode(loc))), out / "reconstructions.png",
                     cols=8)
     n_train = len(dataset.x_train)
-    steps = n_train // min(config.batch_size, n_train)
+    steps = kdata.steps_per_epoch(n_train, config.batch_size)
     metrics = {
         "dataset": config.dataset,
         "n_train": n_train,
@@ -236,15 +236,13 @@ def finish(vae, dataset, config: Config, state) -> dict:
             state.epochs_done * steps * min(config.batch_size, n_train)
             / max(state.train_seconds, 1e-9), 1),
     }
-    from kvae.evaluate import evaluate, read_metrics, save_figures
+    from kvae.evaluate import evaluate, merge_metrics, save_figures
 
     save_figures(vae, dataset.x_val, dataset.y_val, out)
     if config.eval_k:
         metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
                                    split="val", dataset=config.dataset)
-    path = out / "metrics.json"
-    previous = read_metrics(out)
-    atomic_write_text(path, json.dumps({**previous, **metrics}, indent=2) + "\n")
+    merge_metrics(out, metrics)
     print(f"kvae.fit: best val loss {state.best_val_loss:.2f} nats (epoch {state.best_epoch + 1}); "
           f"wrote {out}")
     return metrics
