@@ -13,25 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from kvae.errors import ArgumentParser, cli_errors  # noqa: E402
+from kvae import export  # noqa: E402  (numpy only: --help stays fast)
+from kvae.errors import cli_errors  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = ArgumentParser(
-        prog="python export/to_onnx.py",
-        description="Export a run's encoder and decoder to ONNX (opset 17), checked against Keras.")
-    parser.add_argument("run", help="run folder written by python -m kvae.fit")
-    parser.add_argument("--out", help="output folder (default: RUN/export)")
-    parser.add_argument("--quantize", nargs="+", choices=("fp16", "int8", "all", "none"),
-                        default=["all"], help="quantized variants to write besides float32 "
-                        "(default: all = fp16 int8; none = float32 only)")
+    parser = export.script_parser(
+        "python export/to_onnx.py",
+        "Export a run's encoder and decoder to ONNX (opset 17), checked against Keras.")
     args = parser.parse_args(argv)
     with cli_errors("export/to_onnx.py"):
-        from kvae import export
-
-        quantize = export.QUANTIZED if "all" in args.quantize else tuple(
-            q for q in args.quantize if q != "none")
-        export.export_onnx(args.run, args.out, quantize)
+        export.export_onnx(args.run, args.out, export.quantized(args.quantize))
 
 
 if __name__ == "__main__":

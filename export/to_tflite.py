@@ -12,18 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from kvae.errors import ArgumentParser, KVAEError, cli_errors  # noqa: E402
+from kvae import export  # noqa: E402  (numpy only: --help stays fast)
+from kvae.errors import KVAEError, cli_errors  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = ArgumentParser(
-        prog="python export/to_tflite.py",
-        description="Export a run's encoder and decoder to TFLite (LiteRT), checked against Keras.")
-    parser.add_argument("run", help="run folder written by python -m kvae.fit")
-    parser.add_argument("--out", help="output folder (default: RUN/export)")
-    parser.add_argument("--quantize", nargs="+", choices=("fp16", "int8", "all", "none"),
-                        default=["all"], help="quantized variants to write besides float32 "
-                        "(default: all = fp16 int8; none = float32 only)")
+    parser = export.script_parser(
+        "python export/to_tflite.py",
+        "Export a run's encoder and decoder to TFLite (LiteRT), checked against Keras.")
     parser.add_argument("--fixed-batch", nargs="*", type=int, default=[1], metavar="N",
                         help="extra fixed-batch signatures batch<N>, the fast path for XNNPACK "
                              "(default: 1; give no value for none)")
@@ -32,11 +28,8 @@ def main(argv=None) -> None:
         if any(b < 1 for b in args.fixed_batch):
             raise KVAEError(f"--fixed-batch takes positive batch sizes, got {args.fixed_batch} "
                             "(give no value for no fixed-batch signature)")
-        from kvae import export
-
-        quantize = export.QUANTIZED if "all" in args.quantize else tuple(
-            q for q in args.quantize if q != "none")
-        export.export_tflite(args.run, args.out, quantize, tuple(args.fixed_batch))
+        export.export_tflite(args.run, args.out, export.quantized(args.quantize),
+                             tuple(args.fixed_batch))
 
 
 if __name__ == "__main__":

@@ -727,6 +727,24 @@ def _check_tflite(path: Path, run: Run, half: str, precision: str, keys: list[st
     return parity(half, precision, reference, results, name)
 
 
+def script_parser(prog: str, description: str):
+    """The arguments both export scripts share: RUN, --out and --quantize."""
+    from kvae.errors import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run", help="run folder written by python -m kvae.fit")
+    parser.add_argument("--out", help="output folder (default: RUN/export)")
+    parser.add_argument("--quantize", nargs="+", choices=("fp16", "int8", "all", "none"),
+                        default=["all"], help="quantized variants to write besides float32 "
+                        "(default: all = fp16 int8; none = float32 only)")
+    return parser
+
+
+def quantized(choice: list[str]) -> tuple[str, ...]:
+    """--quantize's values -> the precisions to write besides float32."""
+    return QUANTIZED if "all" in choice else tuple(q for q in choice if q != "none")
+
+
 def export_tflite(run: str | Path | Run, out: str | Path | None = None,
                   quantize: tuple[str, ...] = QUANTIZED,
                   fixed_batches: tuple[int, ...] = FIXED_BATCHES) -> dict:
