@@ -277,6 +277,35 @@ def train_dataset(x: np.ndarray, batch_size: int, binarize: str, seed: int,
     return ds.prefetch(tf.data.AUTOTUNE), steps
 
 
+def train_batches(x: np.ndarray, batch_size: int, binarize: str, seed: int,
+                  initial_epoch: int, epochs: int):
+    """`train_dataset` for backends without tf.data (jax): numpy batches from a generator.
+
+    The same rules (order and binarization are functions of (seed, epoch), partial batches
+    dropped), drawn with numpy's generator instead of TensorFlow's.
+
+    Returns:
+      (generator, steps_per_epoch).
+    """
+    n = len(x)
+    batch_size = min(batch_size, n)
+    steps = steps_per_epoch(n, batch_size)
+
+    def batches():
+        for e in range(initial_epoch, epochs):
+            order = np.random.default_rng([seed, e]).permutation(n)
+            for i in range(steps):
+                xb = to_unit(x[order[i * batch_size:(i + 1) * batch_size]])
+                if binarize == "dynamic":
+                    u = np.random.default_rng([seed, e, i]).random(xb.shape, dtype=np.float32)
+                    xb = (u < xb).astype(np.float32)
+                elif binarize == "static":
+                    xb = (xb > 0.5).astype(np.float32)
+                yield (xb,)
+
+    return batches(), steps
+
+
 def eval_dataset(x: np.ndarray, batch_size: int, binarize: str):
     """Held-out batches in order, binarized once with the fixed EVAL_SEED."""
     import tensorflow as tf

@@ -41,7 +41,8 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
       dict of (N,) arrays: `nll` (IWAE), `reconstruction` (mean over the k samples of
       -log P(X|z)), `kl` (analytic KL[Q(z|X) || P(z)]).
     """
-    import tensorflow as tf
+    import keras
+    from keras import ops
 
     from kvae.model import reconstruction_nll
 
@@ -49,17 +50,16 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
     batch_size = max(1, min(batch_size, len(x)))
     chunk = max(1, min(k, budget // (batch_size * pixels)))
 
-    @tf.function(reduce_retracing=True)
-    def log_weights(xb, loc, scale, s, batch_seed):  # -> (s, B) log w, (s, B) log P(X|z)
-        eps = tf.random.stateless_normal(tf.concat([[s], tf.shape(loc)], 0), seed=batch_seed)
-        z = loc + scale * eps  # (s, B, D)
-        log_q = tf.reduce_sum(-0.5 * tf.square(eps) - tf.math.log(scale) - 0.5 * LOG_2PI, -1)
-        log_prior = tf.reduce_sum(-0.5 * tf.square(z) - 0.5 * LOG_2PI, -1)
-        b = tf.shape(loc)[0]
-        logits = vae.decoder_net(tf.reshape(z, (-1, loc.shape[-1])))
-        x_rep = tf.reshape(tf.broadcast_to(xb, tf.concat([[s], tf.shape(xb)], 0)), tf.shape(logits))
-        log_px = -tf.reshape(reconstruction_nll(x_rep, logits, vae.likelihood, vae.sigma), (s, b))
-        return log_px + log_prior - log_q, log_px
+    def log_px(xb, z):  # xb (B, H, W, C), z (s, B, D) -> (s, B) log P(X|z)
+        s, b = z.shape[0], z.shape[1]
+        logits = vae.decoder_net(ops.reshape(z, (-1, z.shape[-1])))
+        x_rep = ops.reshape(ops.broadcast_to(xb, (s, *xb.shape)), logits.shape)
+        return -ops.reshape(reconstruction_nll(x_rep, logits, vae.likelihood, vae.sigma), (s, b))
+
+    if keras.backend.backend() == "tensorflow":  # one graph per chunk shape instead of eager ops
+        import tensorflow as tf
+
+        log_px = tf.function(log_px)  # static shapes: at most 4 traces (last batch, last chunk)
 
     out = {"nll": [], "reconstruction": [], "kl": []}
     batches = range(0, len(x), batch_size)
@@ -69,22 +69,31 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
         batches = tqdm(batches, desc=f"IWAE k={k}", unit="batch", leave=False,
                        disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
     for b_index, start in enumerate(batches):
-        xb = tf.constant(x[start:start + batch_size], tf.float32)
-        loc, scale = vae.encoder(xb)
-        loc, scale = tf.cast(loc, tf.float32), tf.cast(scale, tf.float32)
-        lse = tf.fill(tf.shape(loc)[:1], -np.inf)
-        rec = tf.zeros(tf.shape(loc)[:1])
+        xb = np.asarray(x[start:start + batch_size], np.float32)
+        loc, scale = (ops.convert_to_numpy(ops.cast(t, "float32")).astype(np.float64)
+                      for t in vae.encoder(xb))
+        lse = np.full(len(xb), -np.inf)
+        rec = np.zeros(len(xb))
         for c_index, c_start in enumerate(range(0, k, chunk)):
             s = min(chunk, k - c_start)
-            log_w, log_px = log_weights(xb, loc, scale, tf.constant(s),
-                                        tf.constant([seed, b_index * 1_000_003 + c_index]))
-            lse = tf.reduce_logsumexp(tf.stack([lse, tf.reduce_logsumexp(log_w, 0)]), 0)
-            rec += -tf.reduce_sum(log_px, 0)
-        out["nll"].append(-(lse - math.log(k)).numpy())
-        out["reconstruction"].append((rec / k).numpy())
-        kl = 0.5 * tf.reduce_sum(tf.square(loc) + tf.square(scale) - 1 - 2 * tf.math.log(scale), -1)
-        out["kl"].append(kl.numpy())
+            # eps from numpy, keyed by (seed, batch, chunk): the same draws on every backend
+            eps = np.random.default_rng([seed, b_index, c_index]).standard_normal((s, *loc.shape))
+            z = loc + scale * eps  # (s, B, D)
+            log_q = np.sum(-0.5 * eps**2 - np.log(scale) - 0.5 * LOG_2PI, -1)
+            log_prior = np.sum(-0.5 * z**2 - 0.5 * LOG_2PI, -1)
+            lp = ops.convert_to_numpy(log_px(xb, z.astype(np.float32))).astype(np.float64)
+            lse = np.logaddexp(lse, _logsumexp(lp + log_prior - log_q))
+            rec -= lp.sum(0)
+        out["nll"].append(-(lse - math.log(k)))
+        out["reconstruction"].append(rec / k)
+        out["kl"].append(0.5 * np.sum(loc**2 + scale**2 - 1 - 2 * np.log(scale), -1))
     return {name: np.concatenate(parts).astype(np.float64) for name, parts in out.items()}
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
+    """log(sum(exp(a), axis 0)), stable."""
+    top = a.max(0)
+    return top + np.log(np.exp(a - top).sum(0))
 
 
 def summarize(per_example: dict[str, np.ndarray]) -> dict[str, float]:

@@ -11,6 +11,8 @@ one killed with SIGKILL) from its last finished epoch; every epoch appears in hi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -110,21 +112,21 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     dataset = kdata.load(config.dataset, config.data_dir, config.val_size)  # fails before any write
 
     import keras
-    import tensorflow as tf
 
     from kvae.callbacks import KLWarmup, RunState
     from kvae.model import build_vae
 
+    backend = keras.backend.backend()
     strategy = make_strategy(config.strategy)
-    replicas = strategy.num_replicas_in_sync
+    replicas = strategy.num_replicas_in_sync if strategy else 1
     chief = is_chief()
     out = Path(config.out) if chief else Path(tempfile.mkdtemp(prefix="kvae-worker-"))
 
     print(f"kvae.fit: {config.dataset}: {len(dataset.x_train)} train / {len(dataset.x_val)} "
           f"held-out images of shape {dataset.image_shape}; binarize={binarize}")
     print("kvae.fit: config " + json.dumps(config.to_dict()))
-    gpus = tf.config.list_physical_devices("GPU")
-    print(f"kvae.fit: device {'GPU: ' + ', '.join(g.name for g in gpus) if gpus else 'CPU'}; "
+    gpus = accelerators()
+    print(f"kvae.fit: Keras backend {backend}; device {'GPU: ' + ', '.join(gpus) if gpus else 'CPU'}; "
           f"strategy {config.strategy} with {replicas} replica(s); global batch {config.batch_size}")
 
     keras.utils.set_random_seed(config.seed)
@@ -132,14 +134,15 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
 
     steps = kdata.steps_per_epoch(len(dataset.x_train), config.batch_size)
     total_steps = steps * config.epochs
-    with strategy.scope():
+    with strategy.scope() if strategy else contextlib.nullcontext():
         vae = build_vae(config, dataset.image_shape)
         lr = config.lr
         if config.lr_schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(config.lr, total_steps, alpha=0.1)
         # XLA: measured 2x slower than plain TF for the conv VAE on 2 CPU cores; on by default
-        # on GPU; left off inside tf.distribute (as Keras's own "auto" does).
-        jit = bool(gpus) if config.jit is None else config.jit
+        # on GPU and always under JAX (its only fast mode); off inside tf.distribute (as Keras's
+        # own "auto" does).
+        jit = (bool(gpus) or backend == "jax") if config.jit is None else config.jit
         vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=jit and replicas == 1,
                     steps_per_execution=min(config.steps_per_execution, steps))
         vae.optimizer.build(vae.trainable_variables)
@@ -156,15 +159,23 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     else:
         if initial_epoch:
             print(f"kvae.fit: resuming {out} after epoch {initial_epoch}")
-        train, steps = kdata.train_dataset(dataset.x_train, config.batch_size, binarize,
-                                           config.seed, initial_epoch, config.epochs)
-        val = kdata.eval_dataset(dataset.x_val, 256, binarize)
+        if backend == "tensorflow":
+            train, steps = kdata.train_dataset(dataset.x_train, config.batch_size, binarize,
+                                               config.seed, initial_epoch, config.epochs)
+            val = kdata.eval_dataset(dataset.x_val, 256, binarize)
+        else:  # no tf.data: numpy batches
+            train, steps = kdata.train_batches(dataset.x_train, config.batch_size, binarize,
+                                               config.seed, initial_epoch, config.epochs)
+            val = (kdata.binarize_fixed(dataset.x_val, binarize),)
+        logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)]
+        if importlib.util.find_spec("tensorflow") is None:  # TensorBoard writes with tf.summary
+            logs = []
         started = time.perf_counter()
         vae.fit(train, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                validation_data=val, shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
+                validation_data=val, validation_batch_size=256, shuffle=False,
+                verbose=1 if sys.stdout.isatty() else 2,
                 callbacks=[KLWarmup(vae.posterior, config.beta, config.kl_warmup), state, *callbacks,
-                           keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False,
-                                                       profile_batch=0)])
+                           *logs])
         state.train_seconds += time.perf_counter() - started
         state.save_progress()
         if not chief:
@@ -178,7 +189,15 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
 
 
 def make_strategy(name: str):
-    """The tf.distribute strategy for `--strategy`; the default (one device) for `none`."""
+    """The tf.distribute strategy for `--strategy`: the default (one device) for `none`, and None
+    under other Keras backends."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        if name != "none":
+            raise KVAEError(f"--strategy {name} uses tf.distribute: run it with the TensorFlow "
+                            f"backend (KERAS_BACKEND=tensorflow), not {keras.backend.backend()}")
+        return None
     import tensorflow as tf
 
     if name == "mirrored":
@@ -189,6 +208,19 @@ def make_strategy(name: str):
                             "(cluster and task) on every machine")
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def accelerators() -> list[str]:
+    """Names of the GPUs the Keras backend will train on ([] on CPU)."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return [str(d) for d in jax.devices() if d.platform == "gpu"]
+    import tensorflow as tf
+
+    return [g.name for g in tf.config.list_physical_devices("GPU")]
 
 
 def is_chief() -> bool:

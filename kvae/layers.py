@@ -3,21 +3,33 @@
 Doersch, "Tutorial on Variational Autoencoders" (2016), section 2.2: Q(z|X) = N(mu(X), Sigma(X))
 with diagonal Sigma, z = mu + Sigma^(1/2) * eps with eps ~ N(0, I) (the reparameterization trick),
 and the analytic D[Q(z|X) || P(z)] against the prior P(z) = N(0, I).
+
+Backend-portable: under `KERAS_BACKEND=jax` the distributions come from
+`tensorflow_probability.substrates.jax` (no TensorFlow needed), under TensorFlow from
+`tensorflow_probability`; the layer, its weights and its `.keras` file are the same.
 """
 
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
-import tensorflow_probability as tfp
+from keras import ops
 
-tfd = tfp.distributions
+REPLICA_STRIDE = 1_000_003  # seed offset between tf.distribute replicas
 
 
-def prior(latent_dim: int, dtype=tf.float32) -> tfd.Distribution:
+def distributions():
+    """`tfp.distributions` for the running Keras backend (JAX substrate under jax)."""
+    if keras.backend.backend() == "jax":
+        from tensorflow_probability.substrates import jax as tfp
+    else:
+        import tensorflow_probability as tfp
+    return tfp.distributions
+
+
+def prior(latent_dim: int):
     """P(z) = N(0, I)."""
-    return tfd.MultivariateNormalDiag(loc=tf.zeros([latent_dim], dtype),
-                                      scale_diag=tf.ones([latent_dim], dtype))
+    return distributions().MultivariateNormalDiag(loc=ops.zeros([latent_dim], "float32"),
+                                                  scale_diag=ops.ones([latent_dim], "float32"))
 
 
 @keras.saving.register_keras_serializable(package="kvae")
@@ -42,23 +54,25 @@ class Posterior(keras.layers.Layer):
                                      initializer="zeros", aggregation="only_first_replica")
         self.beta = self.add_weight(name="beta", shape=(), trainable=False,
                                     initializer=keras.initializers.Constant(beta))
-        self.kl_tracker = keras.metrics.Mean(name="kl_loss")  # unweighted D[Q(z|X) || P(z)]
+        self.kl = None  # the last batch's unweighted D[Q(z|X) || P(z)] (see `call`)
 
     def call(self, inputs, training=None):
+        tfd = distributions()
         loc, scale = inputs  # (B, latent_dim) each, scale > 0
-        loc = tf.cast(loc, tf.float32)  # the posterior and KL stay float32 under mixed precision
-        scale = tf.cast(scale, tf.float32)
+        loc = ops.cast(loc, "float32")  # the posterior and KL stay float32 under mixed precision
+        scale = ops.cast(scale, "float32")
         q = tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
-        kl = tf.reduce_mean(tfd.kl_divergence(q, prior(loc.shape[-1])))  # mean over the batch
-        self.add_loss(self.beta * kl)
-        self.kl_tracker.update_state(kl)
+        kl = ops.mean(tfd.kl_divergence(q, prior(loc.shape[-1])))  # mean over the batch
+        self.add_loss(ops.cast(self.beta, "float32") * kl)
+        # For the model's kl_loss metric: metrics update in compute_loss, the one place where
+        # every backend (JAX's stateless training step included) lets them change.
+        self.kl = kl
         # Reparameterized: z = loc + scale * eps, so gradients flow into loc and scale.
-        replica = tf.distribute.get_replica_context()
-        replica_id = replica.replica_id_in_sync_group if replica is not None else 0
-        # Each replica draws its own eps; one device draws exactly what replica 0 would.
-        seed = tf.stack([(self.seed or 0) + 1_000_003 * tf.cast(replica_id, tf.int32),
-                         self.calls.value])
+        # Each tf.distribute replica draws its own eps; one device draws what replica 0 would.
+        seed = ops.stack([(self.seed or 0) + REPLICA_STRIDE * _replica_id(), self.calls.value])
         self.calls.assign_add(1)
+        if keras.backend.backend() == "jax":
+            seed = ops.cast(seed, "uint32")  # a raw JAX PRNG key
         return q.sample(seed=seed)
 
     def compute_output_shape(self, input_shape):
@@ -66,3 +80,13 @@ class Posterior(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta_value, "seed": self.seed}
+
+
+def _replica_id():
+    """This tf.distribute replica's index (0 outside tf.distribute and on other backends)."""
+    if keras.backend.backend() != "tensorflow":
+        return 0
+    import tensorflow as tf
+
+    replica = tf.distribute.get_replica_context()
+    return ops.cast(replica.replica_id_in_sync_group, "int32") if replica is not None else 0

@@ -6,6 +6,8 @@
     decoder      z  ->  x_mean = sigmoid(logits): Bernoulli probabilities or the Gaussian mean
 
 Loss per batch = mean over X of [-log P(X|z) + beta * KL] = the negative ELBO when beta = 1.
+
+Written with `keras.ops`: the same model trains under KERAS_BACKEND=tensorflow or jax.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from kvae.config import Config
 from kvae.layers import Posterior
@@ -24,20 +26,20 @@ register = keras.saving.register_keras_serializable(package="kvae")
 def reconstruction_nll(x, logits, likelihood: str = "bernoulli", sigma: float = 0.1):
     """-log P(X|z) per example, summed over pixels: shape (B,).
 
-    Bernoulli uses logits (`sigmoid_cross_entropy_with_logits`), stable for confident pixels.
+    Bernoulli uses logits (max(l, 0) - l x + log(1 + exp(-|l|))), stable for confident pixels.
     Gaussian is N(x; sigmoid(logits), sigma^2 I) with sigma a fixed hyperparameter (Doersch 2.1).
     """
-    logits = tf.cast(logits, tf.float32)
-    x = tf.cast(x, tf.float32)
-    axes = list(range(1, len(logits.shape)))
-    if likelihood == "bernoulli":
-        nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits)
+    logits = ops.cast(logits, "float32")
+    x = ops.cast(x, "float32")
+    axes = tuple(range(1, len(logits.shape)))
+    if likelihood == "bernoulli":  # the stable form of tf.nn.sigmoid_cross_entropy_with_logits
+        nll = ops.relu(logits) - logits * x + ops.log1p(ops.exp(-ops.abs(logits)))
     elif likelihood == "gaussian":
-        mean = tf.sigmoid(logits)
-        nll = 0.5 * tf.square((x - mean) / sigma) + math.log(sigma) + 0.5 * math.log(2 * math.pi)
+        mean = ops.sigmoid(logits)
+        nll = 0.5 * ops.square((x - mean) / sigma) + math.log(sigma) + 0.5 * math.log(2 * math.pi)
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}")
-    return tf.reduce_sum(nll, axis=axes)
+    return ops.sum(nll, axis=axes)
 
 
 def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
@@ -104,6 +106,7 @@ class VAE(keras.Model):
         self.seed = seed
         self.posterior = Posterior(beta=beta, seed=seed, name="posterior")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.kl_tracker = keras.metrics.Mean(name="kl_loss")  # unweighted D[Q(z|X) || P(z)]
 
     @property
     def latent_dim(self) -> int:
@@ -120,17 +123,18 @@ class VAE(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         target = x if y is None else y
-        rec = tf.reduce_mean(reconstruction_nll(target, y_pred, self.likelihood, self.sigma))
+        rec = ops.mean(reconstruction_nll(target, y_pred, self.likelihood, self.sigma))
         self.reconstruction_tracker.update_state(rec)
-        loss = rec + tf.add_n([tf.cast(loss, tf.float32) for loss in self.losses])
+        self.kl_tracker.update_state(self.posterior.kl)  # this batch's, set by posterior.call
+        loss = rec + sum(ops.cast(loss, "float32") for loss in self.losses)
         # Under tf.distribute each replica sees part of the global batch; gradients are summed.
-        return loss / tf.distribute.get_strategy().num_replicas_in_sync
+        return loss / _replicas()
 
-    def train_step(self, data):
-        return _with_batch_axis(super().train_step(data))
+    def train_step(self, *args):  # (data) under TensorFlow, (state, data) under JAX
+        return _with_batch_axis(super().train_step(*args))
 
-    def test_step(self, data):
-        return _with_batch_axis(super().test_step(data))
+    def test_step(self, *args):
+        return _with_batch_axis(super().test_step(*args))
 
     def encode(self, x):
         """x (B, H, W, C) in [0, 1] -> (loc, scale) of Q(z|X)."""
@@ -138,7 +142,7 @@ class VAE(keras.Model):
 
     def decode(self, z):
         """z (B, latent_dim) -> x_mean (B, H, W, C): P(X|z)'s mean."""
-        return tf.sigmoid(tf.cast(self.decoder_net(z), tf.float32))
+        return ops.sigmoid(ops.cast(self.decoder_net(z), "float32"))
 
     def decoder(self) -> keras.Model:
         """A standalone z -> x_mean model sharing this VAE's weights (for saving and export)."""
@@ -165,11 +169,28 @@ class VAE(keras.Model):
         return cls(**config)
 
 
-def _with_batch_axis(logs: dict) -> dict:
+def _strategy():
+    """The tf.distribute strategy in scope (None under other backends)."""
+    return _tf().distribute.get_strategy() if keras.backend.backend() == "tensorflow" else None
+
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _replicas() -> int:
+    strategy = _strategy()
+    return strategy.num_replicas_in_sync if strategy is not None else 1
+
+
+def _with_batch_axis(logs):
     """Keras 3 reduces multi-worker step outputs with reduce(MEAN, axis=0), which fails on
     scalars (tensorflow/tensorflow#72388); give them an axis there, nowhere else."""
-    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
-        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    strategy = _strategy()
+    if strategy is not None and isinstance(strategy, _tf().distribute.MultiWorkerMirroredStrategy):
+        return {name: ops.reshape(value, [1]) for name, value in logs.items()}
     return logs
 
 
@@ -180,7 +201,7 @@ def build_vae(config: Config, image_shape) -> VAE:
                                     config.filters)
     vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.beta, config.seed,
               name="vae")
-    vae(tf.zeros((1, *image_shape)))
+    vae(ops.zeros((1, *image_shape)))
     return vae
 
 
