@@ -33,6 +33,8 @@ class Config:
     data_dir: str | None = None  # TFDS data directory (pre-downloaded data lives here)
     val_size: int = 500  # held-out examples (a fixed split; never trained on)
     binarize: str = "auto"  # dynamic | static | none; auto = dynamic for bernoulli, none for gaussian
+    image_size: int | None = None  # center-crop to a square, resize to N x N (celeb_a: 64); default: as stored
+    cache: str = "none"  # cache decoded streamed images (folders, big TFDS): none | memory | PATH prefix
     # Model
     arch: str = "conv"  # conv (Conv2D / Conv2DTranspose) or mlp
     latent_dim: int = 32  # size of z
@@ -65,6 +67,8 @@ class Config:
             (self.batch_size >= 1, "--batch-size must be a positive integer"),
             (self.steps_per_execution >= 1, "--steps-per-execution must be a positive integer"),
             (self.val_size >= 1, "--val-size must be a positive integer"),
+            (self.image_size is None or self.image_size >= 1, "--image-size must be a positive integer"),
+            (self.cache.strip() != "", "--cache must be none, memory or a path prefix"),
             (self.kl_warmup >= 0, "--kl-warmup must be >= 0"),
             (self.eval_k >= 0, "--eval-k must be >= 0"),
             (self.lr > 0, "--lr must be > 0"),

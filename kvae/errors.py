@@ -65,11 +65,20 @@ def cli_errors(prog: str):
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        inside = kvae_error_inside(e)
+        if inside is not None:  # raised in a tf.data function (a broken image found mid-training)
+            _fail(prog, inside)
         if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out-of-memory error
             raise
         text = re.sub(r"\{\{.*?\}\}\s*", "", _first_line(e))  # TF's function-node prefix
         text = text.split(" on /job:")[0].split(" [Op:")[0]
         _fail(prog, f"out of memory: {text} (use a smaller --batch-size, --hidden or --latent-dim)")
+
+
+def kvae_error_inside(e: BaseException) -> str | None:
+    """The message of a KVAEError that TensorFlow wrapped in its own error, else None."""
+    text = str(e)
+    return text.split("KVAEError: ", 1)[1].splitlines()[0] if "KVAEError: " in text else None
 
 
 def _first_line(e: BaseException) -> str:

@@ -216,7 +216,7 @@ def load_run(run: str | Path) -> Run:
             raise KVAEError(f"{run} has no {name}: its training has not finished "
                             "(continue it with python -m kvae.fit --resume --out RUN)")
     config = Config.from_json(run / "config.json")
-    data = kdata.load(config.dataset, config.data_dir, config.val_size)
+    data = kdata.load(config.dataset, config.data_dir, config.val_size, image_size=config.image_size)
 
     import keras
 

@@ -109,7 +109,8 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     from kvae import data as kdata
 
     binarize = config.resolved_binarize
-    dataset = kdata.load(config.dataset, config.data_dir, config.val_size)  # fails before any write
+    dataset = kdata.load(config.dataset, config.data_dir, config.val_size,  # fails before any write
+                         image_size=config.image_size)
 
     import keras
 
@@ -161,7 +162,7 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
             print(f"kvae.fit: resuming {out} after epoch {initial_epoch}")
         if backend == "tensorflow":
             train, steps = kdata.train_dataset(dataset.x_train, config.batch_size, binarize,
-                                               config.seed, initial_epoch, config.epochs)
+                                               config.seed, initial_epoch, config.epochs, config.cache)
             val = kdata.eval_dataset(dataset.x_val, 256, binarize)
         else:  # no tf.data: numpy batches
             train, steps = kdata.train_batches(dataset.x_train, config.batch_size, binarize,
