@@ -59,7 +59,7 @@ def main() -> None:
     args.out = args.out or "runs/bench-quality"
     config = config_from_args(args)
     shutil.rmtree(config.out, ignore_errors=True)
-    data = kdata.load(config.dataset, config.data_dir, config.val_size)
+    data = kdata.load(config.dataset, config.data_dir, config.val_size, image_size=config.image_size)
     x_val = kdata.binarize_fixed(data.x_val, config.resolved_binarize)
     curve = NLLCurve(x_val, args.every)
     fit(config, callbacks=[curve])

@@ -187,7 +187,8 @@ def main(argv=None) -> None:
         if split == "test" and (name == "mnist-5k" or Path(name).exists()):
             raise KVAEError(f"--split test needs a TFDS dataset with a test split; {name} has only "
                             "the run's held-out examples: use --split val (the default)")
-        data = kdata.load(name, config.data_dir, config.val_size, split="test" if split == "test" else "train")
+        data = kdata.load(name, config.data_dir, config.val_size,
+                          split="test" if split == "test" else "train", image_size=config.image_size)
         from kvae.model import VAE, load_vae
 
         vae = _load(run / "vae.keras", load_vae)

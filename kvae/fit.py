@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", metavar="FILE", help="JSON file with config values")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last finished epoch "
-                             "(only --epochs may change)")
+                             "(only --epochs, --lr and --cache may change)")
     add_config_flags(parser)
     return parser.parse_args(argv)
 
@@ -57,7 +57,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if changed:
             raise ConfigError(f"--resume continues the run as configured; cannot change "
                               f"{', '.join('--' + c.replace('_', '-') for c in changed)} "
-                              "(only --epochs and --lr)")
+                              "(only --epochs, --lr and --cache)")
         done = _epochs_done(out)
         if args.epochs is not None and args.epochs < done:
             raise ConfigError(f"--resume: {out} has already finished {done} epochs; "
@@ -65,7 +65,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config_from_args(args, base)
 
 
-RESUMABLE = ("epochs", "lr", "out")  # what --resume may change (a NaN run resumes with a lower lr)
+# what --resume may change: a NaN run resumes with a lower lr; the cache never changes the batches
+RESUMABLE = ("epochs", "lr", "out", "cache")
 
 
 def _epochs_done(out: Path) -> int:

@@ -1,0 +1,176 @@
+"""The same model under KERAS_BACKEND=jax, in an environment without TensorFlow.
+
+The JAX environment is separate (`.venv-jax`, from requirements-jax.txt: tfp-nightly and
+TensorFlow's tensorflow-probability cannot share one); `.ci/run` builds it. A run trained there is
+then loaded, evaluated and exported here, under TensorFlow, and must agree with what JAX computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JAX_PYTHON = Path(os.environ.get("KVAE_JAX_PYTHON") or ROOT / ".venv-jax" / "bin" / "python")
+# the small run of conftest.trained_run, under JAX
+RUN = ["--latent-dim", "8", "--hidden", "64", "--eval-k", "10", "--lr", "1e-3", "--kl-warmup", "0",
+       "--batch-size", "128"]
+
+# Runs in the JAX environment: loads the run's halves and records what they compute.
+PROBE = """
+import sys, numpy as np, keras
+from kvae import data
+try:
+    import tensorflow
+    raise SystemExit("tensorflow is importable in the JAX environment")
+except ImportError:
+    pass
+run = sys.argv[1]
+x = data.binarize_fixed(data.load("mnist-5k").x_val[:16], "dynamic")
+z = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+loc, scale = keras.saving.load_model(run + "/encoder.keras")(x)
+x_mean = keras.saving.load_model(run + "/decoder.keras")(z)
+np.savez(run + "/jax_outputs.npz", x=x, z=z, loc=np.asarray(loc), scale=np.asarray(scale),
+         x_mean=np.asarray(x_mean))
+assert "tensorflow" not in sys.modules, "kvae imported TensorFlow under the JAX backend"
+print(keras.backend.backend())
+"""
+
+
+def jax_env() -> dict:
+    if not JAX_PYTHON.exists():
+        message = (f"no JAX environment at {JAX_PYTHON}: python -m venv .venv-jax && "
+                   ".venv-jax/bin/pip install -r requirements-jax.txt && "
+                   ".venv-jax/bin/pip install --no-deps -e .")
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+
+
+def jax(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(JAX_PYTHON), *args], env=jax_env(), capture_output=True, text=True,
+                            timeout=900, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """A run trained under JAX, with its halves' outputs on fixed inputs in jax_outputs.npz."""
+    out = tmp_path_factory.mktemp("jax") / "run"
+    fit = jax("-m", "kvae.fit", "--out", str(out), "--epochs", "2", *RUN)
+    probe = jax("-c", PROBE, str(out))
+    return out, fit.stdout, probe.stdout
+
+
+def test_trains_under_jax_without_tensorflow(jax_run):
+    out, fit_log, probe_log = jax_run
+    assert "Keras backend jax" in fit_log and probe_log.strip() == "jax"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    assert 60 < metrics["eval"]["nll"] < 250  # two epochs on real digits: learning, not NaN
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 3 and "kl_loss" in history[0] and "val_reconstruction_loss" in history[0]
+    for name in ("vae.keras", "encoder.keras", "decoder.keras", "samples.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_jax_run_loads_under_tensorflow_with_the_same_outputs(jax_run):
+    import keras
+
+    out, _, _ = jax_run
+    assert keras.backend.backend() == "tensorflow"
+    ref = np.load(out / "jax_outputs.npz")
+    loc, scale = keras.saving.load_model(out / "encoder.keras")(ref["x"])
+    np.testing.assert_allclose(np.asarray(loc), ref["loc"], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scale), ref["scale"], atol=1e-5)
+    x_mean = keras.saving.load_model(out / "decoder.keras")(ref["z"])
+    np.testing.assert_allclose(np.asarray(x_mean), ref["x_mean"], atol=1e-5)
+
+
+def test_held_out_nll_agrees_across_backends(jax_run):
+    from kvae import data
+    from kvae.evaluate import evaluate
+    from kvae.model import load_vae
+
+    out, _, _ = jax_run
+    under_jax = json.loads((out / "metrics.json").read_text())["eval"]
+    under_tf = evaluate(load_vae(out / "vae.keras"), data.load("mnist-5k").x_val, "dynamic",
+                        k=under_jax["k"], seed=under_jax["seed"])
+    assert abs(under_tf["nll"] - under_jax["nll"]) < 1e-3  # the same eps, the same model
+    assert abs(under_tf["kl"] - under_jax["kl"]) < 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_jax_run_exports_with_parity(jax_run, fmt):
+    from kvae import export
+
+    out, _, _ = jax_run
+    target = out / f"export-{fmt}"
+    export_fn = export.export_onnx if fmt == "onnx" else export.export_tflite
+    manifest = export_fn(out, target, quantize=())
+    assert {f"encoder.{fmt}", f"decoder.{fmt}"} <= set(manifest["files"])
+    ref = np.load(out / "jax_outputs.npz")
+    if fmt == "onnx":
+        decoder = export.ORTRunner(target / "decoder.onnx")
+        encoder = export.ORTRunner(target / "encoder.onnx")
+    else:
+        decoder = export.LiteRTRunner(target / "decoder.tflite", "serving_default")
+        encoder = export.LiteRTRunner(target / "encoder.tflite", "serving_default")
+    np.testing.assert_allclose(decoder("z", ref["z"])["x_mean"], ref["x_mean"], atol=1e-5)
+    np.testing.assert_allclose(encoder("x", ref["x"])["loc"], ref["loc"], atol=1e-4)
+
+
+def test_jax_resume_matches_an_uninterrupted_run(tmp_path):
+    # a constant learning rate: extending --epochs on resume would stretch a cosine schedule
+    args = [*RUN, "--lr-schedule", "constant", "--eval-k", "0"]
+    jax("-m", "kvae.fit", "--out", str(tmp_path / "whole"), "--epochs", "2", *args)
+    jax("-m", "kvae.fit", "--out", str(tmp_path / "resumed"), "--epochs", "1", *args)
+    jax("-m", "kvae.fit", "--out", str(tmp_path / "resumed"), "--resume", "--epochs", "2")
+    whole, resumed = ((tmp_path / name / "history.csv").read_text().splitlines()
+                      for name in ("whole", "resumed"))
+    assert len(whole) == 3 and resumed == whole  # every epoch once, the same losses to the digit
+    import keras
+
+    z = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    a, b = (keras.saving.load_model(tmp_path / name / "decoder.keras")(z) for name in ("whole", "resumed"))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_jax_mixed_precision_and_tf_distribute_flag(tmp_path):
+    result = jax("-m", "kvae.fit", "--out", str(tmp_path / "mp"), "--epochs", "1", *RUN,
+                 "--mixed-precision")
+    metrics = json.loads((tmp_path / "mp" / "metrics.json").read_text())
+    assert np.isfinite(metrics["eval"]["nll"]), result.stdout
+    bad = subprocess.run([str(JAX_PYTHON), "-m", "kvae.fit", "--out", str(tmp_path / "m"),
+                          "--strategy", "mirrored", "--epochs", "1"], env=jax_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "TensorFlow backend" in bad.stderr
+    assert not (tmp_path / "m").exists()  # refused before writing anything
+
+
+def test_gpu_check_script_runs_and_checks(tmp_path):
+    """bench/gpu_check.sh end to end on the CPU (--allow-cpu), in the JAX environment."""
+    env = {**jax_env(), "PYTHON": str(JAX_PYTHON)}
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "2",
+                             "--max-nll", "400", "--out", str(tmp_path / "runs"),
+                             "--results", str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check-cpu.json").read_text())
+    assert report["passed"] and report["backend"] == "jax"
+    assert [r["precision"] for r in report["runs"]] == ["float32", "mixed_float16"]
+    assert all(r["samples_per_s"] > 0 for r in report["runs"])
+    assert "reloaded vs trained" in result.stdout and result.stdout.rstrip().splitlines()[-1].startswith("PASS")
+    # a check that finds a problem fails: an NLL bound no run can meet
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "1",
+                          "--max-nll", "1", "--results", str(tmp_path / "bad")], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
