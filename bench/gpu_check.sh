@@ -39,6 +39,8 @@ if ! "$PYTHON" -c "import jax" 2>/dev/null; then
 fi
 if [ -n "${wheels:-}" ]; then
   [ -d "$wheels" ] || { echo "gpu_check: no wheel folder $wheels (make it with --download)" >&2; exit 1; }
-  "$PYTHON" -m pip install -q --no-index --find-links "$wheels" "${PACKAGES[@]}" kvae
+  "$PYTHON" -m pip install -q --no-index --find-links "$wheels" "${PACKAGES[@]}"
+  # kvae itself without its TensorFlow dependencies: the JAX path does not import them
+  "$PYTHON" -m pip install -q --no-index --no-deps --find-links "$wheels" kvae
 fi
 KERAS_BACKEND=jax exec "$PYTHON" bench/gpu_check.py ${args[@]+"${args[@]}"}

@@ -1,4 +1,4 @@
-"""python export/to_onnx.py RUN [--out DIR] [--quantize fp16 int8 | none]
+"""python export/to_onnx.py RUN [--out DIR] [--quantize fp16 int8 | none] [--int8 best]
 
 Writes RUN/export/encoder.onnx and decoder.onnx (float32, opset 17, dynamic batch `batch`) plus
 encoder/decoder .fp16 and .int8 variants, each checked with onnx.checker and against Keras in
@@ -23,7 +23,7 @@ def main(argv=None) -> None:
         "Export a run's encoder and decoder to ONNX (opset 17), checked against Keras.")
     args = parser.parse_args(argv)
     with cli_errors("export/to_onnx.py"):
-        export.export_onnx(args.run, args.out, export.quantized(args.quantize))
+        export.export_onnx(args.run, args.out, export.quantized(args.quantize), args.int8)
 
 
 if __name__ == "__main__":

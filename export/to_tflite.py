@@ -1,4 +1,4 @@
-"""python export/to_tflite.py RUN [--out DIR] [--quantize fp16 int8 | none] [--fixed-batch 1]
+"""python export/to_tflite.py RUN [--out DIR] [--quantize fp16 int8 | none] [--int8 best] [--fixed-batch 1]
 
 Writes RUN/export/encoder.tflite and decoder.tflite (float32) plus encoder/decoder .fp16 and
 .int8 variants, each checked against Keras before it gets its final name, and merges their
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
             raise KVAEError(f"--fixed-batch takes positive batch sizes, got {args.fixed_batch} "
                             "(give no value for no fixed-batch signature)")
         export.export_tflite(args.run, args.out, export.quantized(args.quantize),
-                             tuple(args.fixed_batch))
+                             tuple(args.fixed_batch), args.int8)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,14 @@ How each file is made:
 - TFLite: Keras model -> SavedModel (`keras.export.ExportArchive`) -> `TFLiteConverter.
   from_saved_model`, builtin ops only (no Flex). `from_concrete_functions` is never used: it writes
   weightless files whose output is NaN (TOOLCHAIN.md). fp16 = float16 weights; int8 = full integer
-  with float32 I/O, calibrated on the run's own training images (encoder) and on z from the prior
-  and from the posterior of training images (decoder). No dynamic-range TFLite: its hybrid
-  Conv2DTranspose kernel is ~45x slower.
+  (`static`) with float32 I/O, calibrated on the run's own training images (encoder) and on z
+  from the prior and from the posterior of training images (decoder), or dynamic range
+  (`dynamic`: int8 weights, float activations), whichever has the lower held-out NLL (`--int8
+  best`, the default). Full integer is the fastest, but it quantizes the decoder's sigmoid output
+  to steps of 1/256 (quickstart decoder: +0.256 nats vs +0.015 for dynamic range); dynamic range
+  is as fast through `batch1` but its hybrid Conv2DTranspose is ~20x slower than float32 through
+  the dynamic-batch `serving_default` at batch 64 (kvae.runtime feeds the decoder through the
+  fixed-batch signatures, so it does not hit that; measured in bench/latency.py).
 - ONNX: `tf2onnx.convert.from_function`, opset 17, batch dim named `batch`. fp16 = float16
   weights, each followed by a Cast to float32 (float32 I/O and arithmetic, half the size, runs on
   every onnxruntime build). int8 = onnxruntime's static QDQ (calibrated like TFLite's) or dynamic
@@ -76,6 +81,7 @@ OPSET = 17
 INPUT = {"encoder": "x", "decoder": "z"}
 OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
 PIXEL_RANGE = "[0, 1]"
+INT8_METHODS = ("best", "static", "dynamic")
 FIXED_BATCHES = (1,)  # TFLite fast-path signatures `batch<N>` next to the dynamic serving_default
 
 # Self-check bounds on max abs diff against Keras. A file beyond them is not written. float32 is
@@ -636,9 +642,47 @@ def _savedmodel(run: Run, half: str, folder: Path, fixed_batches: tuple[int, ...
     return keys
 
 
+def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str]) -> dict:
+    """_nll_of_file for a .tflite file, row by row through `batch1` when it has one (fastest)."""
+    fast = "batch1" in keys
+    return _nll_of_file(run, half, LiteRTRunner(path, "batch1" if fast else "serving_default"),
+                        1 if fast else 64)
+
+
+def _best_tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str],
+                      calibration: np.ndarray, folder: Path, int8: str = "best") -> tuple[bytes, dict]:
+    """Builds full-integer (`static`: calibrated int8 activations) and dynamic-range (`dynamic`:
+    int8 weights, float activations) models; keeps the one with the lower held-out NLL, as
+    export_onnx does. Full-integer is the faster one, but it quantizes the decoder's sigmoid
+    output to steps of 1/256, which costs NLL on confident pixels."""
+    candidates = {}
+    for method in _methods(int8):
+        try:
+            data = _tflite_bytes(savedmodel, keys, "int8", calibration, INPUT[half], method)
+            path = folder / f"{half}.{method}.tflite"
+            path.write_bytes(data)
+            candidates[method] = {"data": data, **_nll_of_tflite(run, half, path, keys)}
+        except Exception as e:  # one method may fail; the other may not
+            candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+    ok = {m: c for m, c in candidates.items() if "data" in c}
+    if not ok:
+        raise KVAEError(f"TFLite int8 quantization of the {half} failed: " +
+                        "; ".join(f"{m}: {c['error']}" for m, c in candidates.items()))
+    method = min(ok, key=lambda m: ok[m]["nll_delta"])
+    summary = {m: ({"nll_delta": c["nll_delta"], "size": len(c["data"])} if "data" in c
+                   else {"error": c["error"]}) for m, c in candidates.items()}
+    chosen = ok[method]
+    return chosen["data"], {"quantization": method, "int8_candidates": summary,
+                            "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
+
+
 def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration: np.ndarray,
-                  input_name: str) -> bytes:
-    """Converts a SavedModel to a .tflite flatbuffer, builtin ops only."""
+                  input_name: str, method: str = "static") -> bytes:
+    """Converts a SavedModel to a .tflite flatbuffer, builtin ops only.
+
+    int8 `method`: `static` = full integer, calibrated on `calibration`; `dynamic` = int8
+    weights with float activations (dynamic-range quantization, no calibration).
+    """
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(str(savedmodel), signature_keys=keys)
@@ -646,6 +690,8 @@ def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration
     if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8" and method == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -737,6 +783,10 @@ def script_parser(prog: str, description: str):
     parser.add_argument("--quantize", nargs="+", choices=("fp16", "int8", "all", "none"),
                         default=["all"], help="quantized variants to write besides float32 "
                         "(default: all = fp16 int8; none = float32 only)")
+    parser.add_argument("--int8", choices=INT8_METHODS, default="best",
+                        help="int8 method: static (calibrated int8 activations: the fastest), "
+                             "dynamic (int8 weights, float activations) or best (default: both "
+                             "are built, the lower held-out NLL is kept)")
     return parser
 
 
@@ -747,7 +797,7 @@ def quantized(choice: list[str]) -> tuple[str, ...]:
 
 def export_tflite(run: str | Path | Run, out: str | Path | None = None,
                   quantize: tuple[str, ...] = QUANTIZED,
-                  fixed_batches: tuple[int, ...] = FIXED_BATCHES) -> dict:
+                  fixed_batches: tuple[int, ...] = FIXED_BATCHES, int8: str = "best") -> dict:
     """Writes encoder/decoder .tflite files (float32 and `quantize` variants) and their manifest.
 
     Args:
@@ -755,6 +805,9 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
       out: output folder (default RUN/export).
       quantize: quantized variants besides float32: any of `fp16`, `int8`.
       fixed_batches: batch sizes of the extra fixed-batch signatures `batch<N>` (fast path).
+      int8: `static` (full integer, calibrated), `dynamic` (int8 weights, float activations)
+        or `best` (both built; the lower held-out NLL is written, both recorded under
+        "int8_candidates").
 
     Returns:
       The manifest (dict) after merging this export's entries.
@@ -762,6 +815,7 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
     Raises:
       KVAEError: bad run, failed conversion, or a file that failed its self-check.
     """
+    _methods(int8)  # a bad value fails before any work
     run = run if isinstance(run, Run) else load_run(run)
     fixed_batches = tuple(sorted({int(b) for b in fixed_batches if int(b) > 0}))
     savedmodels = {}
@@ -771,15 +825,18 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
             savedmodels[half] = _savedmodel(run, half, tmp / half, fixed_batches)
         keys = savedmodels[half]
         calibration = run.x_calibration if half == "encoder" else run.z_calibration
-        data = _tflite_bytes(tmp / half, keys, precision, calibration, INPUT[half])
-        data = add_tflite_metadata(data, metadata(run, half, precision))
+        values = metadata(run, half, precision)
+        if precision == "int8":
+            data, extra = _best_tflite_int8(run, half, tmp / half, keys, calibration, tmp, int8)
+            values["quantization"] = extra["quantization"]
+        else:
+            data = _tflite_bytes(tmp / half, keys, precision, calibration, INPUT[half])
+            extra = {}
+        data = add_tflite_metadata(data, values)
         with _written(path, data) as written:
             check = _check_tflite(written, run, half, precision, keys, path.name)
-            extra = {}
-            if precision != "fp32":
-                fast = "batch1" in keys  # row by row through XNNPACK: the fastest way here
-                runner = LiteRTRunner(written, "batch1" if fast else "serving_default")
-                extra = _nll_of_file(run, half, runner, 1 if fast else 64)
+            if precision == "fp16":
+                extra = _nll_of_tflite(run, half, written, keys)
             signatures = {k: "dynamic" if k == "serving_default" else int(k[len("batch"):]) for k in keys}
             return _entry(written, run, half, "tflite", precision, check, batch="dynamic",
                           signatures=signatures, **extra)
@@ -1003,16 +1060,17 @@ def _check_onnx(path: Path, run: Run, half: str, precision: str, name: str) -> d
 
 
 def export_onnx(run: str | Path | Run, out: str | Path | None = None,
-                quantize: tuple[str, ...] = QUANTIZED) -> dict:
+                quantize: tuple[str, ...] = QUANTIZED, int8: str = "best") -> dict:
     """Writes encoder/decoder .onnx files (float32 and `quantize` variants) and their manifest.
 
-    int8: static QDQ and dynamic quantization are both built and measured; the one with the
-    lower held-out NLL is written, and the manifest records both under "int8_candidates".
+    int8 (`best`): static QDQ and dynamic quantization are both built and measured; the one with
+    the lower held-out NLL is written, and the manifest records both under "int8_candidates".
 
     Args:
       run: a run folder (or a loaded Run).
       out: output folder (default RUN/export).
       quantize: quantized variants besides float32: any of `fp16`, `int8`.
+      int8: `static` (QDQ, calibrated), `dynamic` or `best` (both; the lower held-out NLL).
 
     Returns:
       The manifest (dict) after merging this export's entries.
@@ -1022,6 +1080,7 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
     """
     import onnx
 
+    _methods(int8)  # a bad value fails before any work
     run = run if isinstance(run, Run) else load_run(run)
     protos = {}
 
@@ -1036,7 +1095,7 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
             proto = fp16_weights(fp32)
         else:
             calibration = run.x_calibration if half == "encoder" else run.z_calibration
-            proto, method, extra = _best_int8(fp32, run, half, calibration, tmp)
+            proto, method, extra = _best_int8(fp32, run, half, calibration, tmp, int8)
         proto = _finish_onnx(proto, run, half, precision, method)
         with _written(path, proto.SerializeToString()) as written:
             check = _check_onnx(written, run, half, precision, path.name)
@@ -1047,10 +1106,17 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
     return _export_all(run, out, "onnx", quantize, write)
 
 
-def _best_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path):
+def _methods(int8: str) -> tuple[str, ...]:
+    """The int8 methods to build for --int8 (`best`: both)."""
+    if int8 not in INT8_METHODS:
+        raise KVAEError(f"--int8 must be one of {', '.join(INT8_METHODS)}, got {int8!r}")
+    return ("static", "dynamic") if int8 == "best" else (int8,)
+
+
+def _best_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path, int8: str = "best"):
     """Builds static-QDQ and dynamic int8 models; keeps the one with the lower held-out NLL."""
     candidates = {}
-    for method in ("static", "dynamic"):
+    for method in _methods(int8):
         try:
             proto = _quantize_onnx(fp32, half, method, calibration, folder)
         except Exception as e:  # one method may not support an op; the other may

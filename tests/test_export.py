@@ -249,7 +249,7 @@ def test_manifest_fields(exported, arch):
         assert ("nll_delta" in entry) == (entry["precision"] != "fp32")
         if fmt == "tflite":
             assert entry["signatures"] == {"serving_default": "dynamic", "batch1": 1}
-        if fmt == "onnx" and entry["precision"] == "int8":
+        if entry["precision"] == "int8":  # both formats build both and keep the better one
             assert entry["quantization"] in ("static", "dynamic")
             assert set(entry["int8_candidates"]) == {"static", "dynamic"}
     # the manifest's recorded float32 parity is what the contract promises
@@ -514,25 +514,45 @@ def test_script_not_a_run_folder(script, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "config.json" in result.stderr
 
 
-@pytest.mark.parametrize("argv,quantize,batches", [
-    ([], ("fp16", "int8"), (1,)),
-    (["--quantize", "none"], (), (1,)),
-    (["--quantize", "int8", "--fixed-batch"], ("int8",), ()),
-    (["--quantize", "fp16", "--fixed-batch", "1", "64"], ("fp16",), (1, 64)),
+@pytest.mark.parametrize("argv,quantize,batches,int8", [
+    ([], ("fp16", "int8"), (1,), "best"),
+    (["--quantize", "none"], (), (1,), "best"),
+    (["--quantize", "int8", "--fixed-batch", "--int8", "static"], ("int8",), (), "static"),
+    (["--quantize", "fp16", "--fixed-batch", "1", "64"], ("fp16",), (1, 64), "best"),
 ])
-def test_tflite_script_arguments(monkeypatch, argv, quantize, batches):
+def test_tflite_script_arguments(monkeypatch, argv, quantize, batches, int8):
     calls = []
     monkeypatch.setattr(export, "export_tflite", lambda *a: calls.append(a))
     _load_script("export/to_tflite.py").main(["RUN", "--out", "OUT", *argv])
-    assert calls == [("RUN", "OUT", quantize, batches)]
+    assert calls == [("RUN", "OUT", quantize, batches, int8)]
 
 
-@pytest.mark.parametrize("argv,quantize", [([], ("fp16", "int8")), (["--quantize", "fp16"], ("fp16",))])
-def test_onnx_script_arguments(monkeypatch, argv, quantize):
+@pytest.mark.parametrize("argv,quantize,int8", [([], ("fp16", "int8"), "best"),
+                                                (["--quantize", "fp16"], ("fp16",), "best"),
+                                                (["--int8", "dynamic"], ("fp16", "int8"), "dynamic")])
+def test_onnx_script_arguments(monkeypatch, argv, quantize, int8):
     calls = []
     monkeypatch.setattr(export, "export_onnx", lambda *a: calls.append(a))
     _load_script("export/to_onnx.py").main(["RUN", *argv])
-    assert calls == [("RUN", None, quantize)]
+    assert calls == [("RUN", None, quantize, int8)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int8_method_is_chosen_or_forced(exported, fmt, tmp_path):
+    folder, _ = exported("conv")
+    best = json.loads((folder / "export" / "manifest.json").read_text())["files"]
+    export_fn = export.export_tflite if fmt == "tflite" else export.export_onnx
+    forced = export_fn(folder, tmp_path, ("int8",), int8="static")["files"]
+    for half in HALVES:
+        name = export.filename(half, "int8", fmt)
+        candidates = best[name]["int8_candidates"]
+        # best: the method written is the one with the lower measured NLL
+        assert best[name]["quantization"] == min(candidates, key=lambda m: candidates[m]["nll_delta"])
+        assert forced[name]["quantization"] == "static" and set(forced[name]["int8_candidates"]) == {"static"}
+        assert forced[name]["nll_delta"] == pytest.approx(candidates["static"]["nll_delta"], abs=1e-3)
+    with pytest.raises(KVAEError, match="--int8 must be one of"):
+        export_fn(folder, tmp_path / "bad", ("int8",), int8="int4")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_report_table(exported):
