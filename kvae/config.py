@@ -43,7 +43,7 @@ class Config:
     likelihood: str = "bernoulli"  # P(X|z): bernoulli on pixels or gaussian with fixed sigma
     sigma: float = 0.1  # standard deviation of the gaussian likelihood (ignored for bernoulli)
     beta: float = 1.0  # weight of the KL term D[Q(z|X) || P(z)]
-    kl_warmup: int = 5  # epochs over which beta ramps linearly from beta/kl_warmup up to beta
+    kl_warmup: int = 80  # epochs over which beta ramps linearly from beta/kl_warmup up to beta (long ramps measured best)
     # Optimisation
     epochs: int = 100  # passes over the training split
     batch_size: int = 64  # examples per gradient step

@@ -228,3 +228,23 @@ def test_resume_rules(tmp_path):
         resolve_config(parse_args(["--resume", "--out", str(run), "--epochs", "4"]))
     with pytest.raises(ConfigError, match="drop --config"):
         resolve_config(parse_args(["--resume", "--out", str(run), "--config", str(run / "config.json")]))
+
+
+def test_kl_warmup_ramps_and_ends_at_full_beta_in_short_runs(tiny_npz, tmp_path):
+    import keras
+
+    from kvae.config import Config
+    from kvae.fit import fit
+
+    class Betas(keras.callbacks.Callback):
+        values: list = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.values.append(float(keras.ops.convert_to_numpy(self.model.posterior.beta)))
+
+    seen = Betas()
+    for epochs, warmup, want in ((3, 80, [1 / 3, 2 / 3, 1]), (3, 2, [0.5, 1, 1]), (2, 0, [1, 1])):
+        seen.values = []
+        fit(Config(dataset=tiny_npz, latent_dim=4, hidden=32, val_size=64, eval_k=0, epochs=epochs,
+                   kl_warmup=warmup, beta=1.0, out=str(tmp_path / f"w{warmup}")), callbacks=[seen])
+        np.testing.assert_allclose(seen.values, want, rtol=1e-6)  # the default 80 ends by epoch 3
