@@ -428,6 +428,17 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // min(batch_size, n)
 
 
+def steps_per_execution(steps: int, wanted: int) -> int:
+    """The largest divisor of an epoch's `steps` that is at most `wanted`.
+
+    Keras runs whole executions of steps_per_execution steps: with 70 steps per epoch and 8 per
+    execution it would take 72 batches per epoch from kvae's one stream of batches for all
+    epochs, shifting every later epoch (and breaking resume = uninterrupted). A divisor keeps
+    each epoch exactly its own batches.
+    """
+    return max(d for d in range(1, max(1, min(wanted, steps)) + 1) if steps % d == 0)
+
+
 def train_dataset(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: int,
                   initial_epoch: int, epochs: int, cache: str = "none"):
     """Batches for epochs [initial_epoch, epochs): shuffled and binarized from (seed, epoch).

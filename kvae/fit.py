@@ -146,7 +146,7 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
         # own "auto" does).
         jit = (bool(gpus) or backend == "jax") if config.jit is None else config.jit
         vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=jit and replicas == 1,
-                    steps_per_execution=min(config.steps_per_execution, steps))
+                    steps_per_execution=kdata.steps_per_execution(steps, config.steps_per_execution))
         vae.optimizer.build(vae.trainable_variables)
 
     # written once the model exists: a model too big for memory leaves no half-started run behind

@@ -248,3 +248,19 @@ def test_kl_warmup_ramps_and_ends_at_full_beta_in_short_runs(tiny_npz, tmp_path)
         fit(Config(dataset=tiny_npz, latent_dim=4, hidden=32, val_size=64, eval_k=0, epochs=epochs,
                    kl_warmup=warmup, beta=1.0, out=str(tmp_path / f"w{warmup}")), callbacks=[seen])
         np.testing.assert_allclose(seen.values, want, rtol=1e-6)  # the default 80 ends by epoch 3
+
+
+def test_steps_per_execution_is_a_divisor_of_the_epoch():
+    from kvae.data import steps_per_execution
+
+    assert [steps_per_execution(s, 8) for s in (70, 35, 64, 13, 3, 1)] == [7, 7, 8, 1, 3, 1]
+    assert steps_per_execution(70, 1) == 1
+
+
+def test_steps_per_execution_trains_the_same_run(tiny_npz, tmp_path):
+    # 936 training images / 64 = 14 steps per epoch: 8 per execution would take 16 batches an epoch
+    args = ["--dataset", tiny_npz, *TINY, "--epochs", "3", "--eval-k", "0"]
+    main(["--out", str(tmp_path / "one"), *args, "--steps-per-execution", "1"])
+    main(["--out", str(tmp_path / "eight"), *args, "--steps-per-execution", "8"])
+    one, eight = ((tmp_path / name / "history.csv").read_text() for name in ("one", "eight"))
+    assert one == eight and len(one.splitlines()) == 4
