@@ -51,7 +51,7 @@ class Config:
     lr_schedule: str = "cosine"  # cosine (decay to 10% over the run) or constant
     seed: int = 0  # seeds weights, shuffling, binarization and eps: same seed -> same run on CPU
     jit: bool | None = None  # XLA-compile the train step; default: on with a GPU, off on CPU (2x slower there)
-    steps_per_execution: int = 8  # train steps per compiled call (at most; a divisor of the epoch's steps)
+    steps_per_execution: int = 8  # train steps per compiled call (at most; a divisor of the epoch's steps; 1 under --strategy)
     mixed_precision: bool = False  # float16 compute on GPU (posterior, KL and likelihood stay float32)
     strategy: str = "none"  # none | mirrored (all local GPUs) | multi-worker (machines in TF_CONFIG)
     # Output

@@ -145,8 +145,11 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
         # on GPU and always under JAX (its only fast mode); off inside tf.distribute (as Keras's
         # own "auto" does).
         jit = (bool(gpus) or backend == "jax") if config.jit is None else config.jit
+        # Keras's multi-step loop fails under tf.distribute with this model ("You must feed a
+        # value for placeholder tensor" inside its while loop): one step per call there.
+        spe = 1 if config.strategy != "none" else kdata.steps_per_execution(steps, config.steps_per_execution)
         vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=jit and replicas == 1,
-                    steps_per_execution=kdata.steps_per_execution(steps, config.steps_per_execution))
+                    steps_per_execution=spe)
         vae.optimizer.build(vae.trainable_variables)
 
     # written once the model exists: a model too big for memory leaves no half-started run behind
