@@ -649,31 +649,20 @@ def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str]) -> dict:
                         1 if fast else 64)
 
 
-def _best_tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str],
-                      calibration: np.ndarray, folder: Path, int8: str = "best") -> tuple[bytes, dict]:
-    """Builds full-integer (`static`: calibrated int8 activations) and dynamic-range (`dynamic`:
-    int8 weights, float activations) models; keeps the one with the lower held-out NLL, as
-    export_onnx does. Full-integer is the faster one, but it quantizes the decoder's sigmoid
-    output to steps of 1/256, which costs NLL on confident pixels."""
-    candidates = {}
-    for method in _methods(int8):
-        try:
-            data = _tflite_bytes(savedmodel, keys, "int8", calibration, INPUT[half], method)
-            path = folder / f"{half}.{method}.tflite"
-            path.write_bytes(data)
-            candidates[method] = {"data": data, **_nll_of_tflite(run, half, path, keys)}
-        except Exception as e:  # one method may fail; the other may not
-            candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
-    ok = {m: c for m, c in candidates.items() if "data" in c}
-    if not ok:
-        raise KVAEError(f"TFLite int8 quantization of the {half} failed: " +
-                        "; ".join(f"{m}: {c['error']}" for m, c in candidates.items()))
-    method = min(ok, key=lambda m: ok[m]["nll_delta"])
-    summary = {m: ({"nll_delta": c["nll_delta"], "size": len(c["data"])} if "data" in c
-                   else {"error": c["error"]}) for m, c in candidates.items()}
-    chosen = ok[method]
-    return chosen["data"], {"quantization": method, "int8_candidates": summary,
-                            "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
+def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibration: np.ndarray,
+                 folder: Path, int8: str = "best") -> tuple[bytes, dict]:
+    """Full-integer (`static`: calibrated int8 activations) and dynamic-range (`dynamic`: int8
+    weights, float activations) candidates, the lower held-out NLL kept (`_best_int8`).
+    Full-integer is the faster one, but it quantizes the decoder's sigmoid output to steps of
+    1/256, which costs NLL on confident pixels."""
+
+    def build(method: str):
+        data = _tflite_bytes(savedmodel, keys, "int8", calibration, INPUT[half], method)
+        path = folder / f"{half}.{method}.tflite"
+        path.write_bytes(data)
+        return data, len(data), _nll_of_tflite(run, half, path, keys)
+
+    return _best_int8("TFLite", half, int8, build)
 
 
 def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration: np.ndarray,
@@ -827,7 +816,7 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
         calibration = run.x_calibration if half == "encoder" else run.z_calibration
         values = metadata(run, half, precision)
         if precision == "int8":
-            data, extra = _best_tflite_int8(run, half, tmp / half, keys, calibration, tmp, int8)
+            data, extra = _tflite_int8(run, half, tmp / half, keys, calibration, tmp, int8)
             values["quantization"] = extra["quantization"]
         else:
             data = _tflite_bytes(tmp / half, keys, precision, calibration, INPUT[half])
@@ -1088,15 +1077,15 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
         if half not in protos:
             protos[half] = _onnx_model(run, half).SerializeToString()
         fp32 = onnx.ModelProto.FromString(protos[half])
-        extra, method = {}, None
+        extra = {}
         if precision == "fp32":
             proto = fp32
         elif precision == "fp16":
             proto = fp16_weights(fp32)
         else:
             calibration = run.x_calibration if half == "encoder" else run.z_calibration
-            proto, method, extra = _best_int8(fp32, run, half, calibration, tmp, int8)
-        proto = _finish_onnx(proto, run, half, precision, method)
+            proto, extra = _onnx_int8(fp32, run, half, calibration, tmp, int8)
+        proto = _finish_onnx(proto, run, half, precision, extra.get("quantization"))
         with _written(path, proto.SerializeToString()) as written:
             check = _check_onnx(written, run, half, precision, path.name)
             if precision == "fp16":
@@ -1113,31 +1102,42 @@ def _methods(int8: str) -> tuple[str, ...]:
     return ("static", "dynamic") if int8 == "best" else (int8,)
 
 
-def _best_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path, int8: str = "best"):
-    """Builds static-QDQ and dynamic int8 models; keeps the one with the lower held-out NLL."""
+def _onnx_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path,
+               int8: str = "best") -> tuple:
+    """Static-QDQ and dynamic int8 candidates, the lower held-out NLL kept (`_best_int8`)."""
+
+    def build(method: str):
+        proto = _quantize_onnx(fp32, half, method, calibration, folder)
+        path = folder / f"{half}.{method}.checked.onnx"
+        data = proto.SerializeToString()
+        path.write_bytes(data)
+        return proto, len(data), _nll_of_file(run, half, ORTRunner(path), 256)
+
+    return _best_int8("ONNX", half, int8, build)
+
+
+def _best_int8(fmt: str, half: str, int8: str, build: Callable[[str], tuple]) -> tuple:
+    """Builds the int8 candidates `int8` asks for with build(method) -> (model, size in bytes,
+    NLL entry) and keeps the one with the lower held-out NLL.
+
+    Returns:
+      (model, manifest fields: quantization, int8_candidates, nll_delta, nll).
+    """
     candidates = {}
     for method in _methods(int8):
         try:
-            proto = _quantize_onnx(fp32, half, method, calibration, folder)
+            model, size, result = build(method)
         except Exception as e:  # one method may not support an op; the other may
             candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
             continue
-        path = folder / f"{half}.{method}.checked.onnx"
-        path.write_bytes(proto.SerializeToString())
-        try:
-            result = _nll_of_file(run, half, ORTRunner(path), 256)
-        except Exception as e:
-            candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
-            continue
-        candidates[method] = {"proto": proto, **result}
-    ok = {m: c for m, c in candidates.items() if "proto" in c}
+        candidates[method] = {"model": model, "size": size, **result}
+    ok = {m: c for m, c in candidates.items() if "model" in c}
     if not ok:
-        raise KVAEError(f"ONNX int8 quantization of the {half} failed: " +
+        raise KVAEError(f"{fmt} int8 quantization of the {half} failed: " +
                         "; ".join(f"{m}: {c['error']}" for m, c in candidates.items()))
     method = min(ok, key=lambda m: ok[m]["nll_delta"])
-    summary = {m: ({"nll_delta": c["nll_delta"], "size": len(c["proto"].SerializeToString())}
-                   if "proto" in c else {"error": c["error"]}) for m, c in candidates.items()}
+    summary = {m: ({"nll_delta": c["nll_delta"], "size": c["size"]} if "model" in c
+                   else {"error": c["error"]}) for m, c in candidates.items()}
     chosen = ok[method]
-    extra = {"quantization": method, "int8_candidates": summary,
-             "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
-    return chosen["proto"], method, extra
+    return chosen["model"], {"quantization": method, "int8_candidates": summary,
+                             "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
