@@ -45,6 +45,7 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
     from keras import ops
 
     from kvae.model import reconstruction_nll
+    from kvae.runtime import logsumexp
 
     pixels = int(np.prod(x.shape[1:]))
     batch_size = max(1, min(batch_size, len(x)))
@@ -82,18 +83,12 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
             log_q = np.sum(-0.5 * eps**2 - np.log(scale) - 0.5 * LOG_2PI, -1)
             log_prior = np.sum(-0.5 * z**2 - 0.5 * LOG_2PI, -1)
             lp = ops.convert_to_numpy(log_px(xb, z.astype(np.float32))).astype(np.float64)
-            lse = np.logaddexp(lse, _logsumexp(lp + log_prior - log_q))
+            lse = np.logaddexp(lse, logsumexp(lp + log_prior - log_q))
             rec -= lp.sum(0)
         out["nll"].append(-(lse - math.log(k)))
         out["reconstruction"].append(rec / k)
         out["kl"].append(0.5 * np.sum(loc**2 + scale**2 - 1 - 2 * np.log(scale), -1))
     return {name: np.concatenate(parts).astype(np.float64) for name, parts in out.items()}
-
-
-def _logsumexp(a: np.ndarray) -> np.ndarray:
-    """log(sum(exp(a), axis 0)), stable."""
-    top = a.max(0)
-    return top + np.log(np.exp(a - top).sum(0))
 
 
 def summarize(per_example: dict[str, np.ndarray]) -> dict[str, float]:

@@ -727,12 +727,12 @@ class VAE:
                 x_mean = self.decoder.decode(z.reshape(-1, self.latent_dim).astype(np.float32))
                 x_mean = x_mean.reshape(s, b, -1).astype(np.float64)
                 log_px = _log_px(xb.reshape(1, b, -1), x_mean, likelihood, sigma)  # (s, B)
-                lse = np.logaddexp(lse, _logsumexp(log_px + log_prior - log_q))
+                lse = np.logaddexp(lse, logsumexp(log_px + log_prior - log_q))
             out[start:start + b] = lse - math.log(k)
         return float(out[0]) if single else out
 
 
-def _logsumexp(a: np.ndarray) -> np.ndarray:
+def logsumexp(a: np.ndarray) -> np.ndarray:
     """log sum exp over axis 0, stable."""
     m = np.max(a, axis=0)
     m_safe = np.where(np.isfinite(m), m, 0.0)
