@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or "runs/quality-sweep"
     config = config_from_args(args)
-    data = kdata.load(config.dataset, config.data_dir, config.val_size)
+    data = kdata.load(config.dataset, config.data_dir, config.val_size, image_size=config.image_size)
     keras.utils.set_random_seed(config.seed)
     vae = build_vae(config, data.image_shape)
     steps = kdata.steps_per_epoch(len(data.x_train), config.batch_size)

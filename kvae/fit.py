@@ -172,9 +172,8 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
             train, steps = kdata.train_batches(dataset.x_train, config.batch_size, binarize,
                                                config.seed, initial_epoch, config.epochs)
             val = (kdata.binarize_fixed(dataset.x_val, binarize),)
-        logs = [keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)]
-        if importlib.util.find_spec("tensorflow") is None:  # TensorBoard writes with tf.summary
-            logs = []
+        logs = [] if importlib.util.find_spec("tensorflow") is None else [  # it writes with tf.summary
+            keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)]
         started = time.perf_counter()
         vae.fit(train, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                 validation_data=val, validation_batch_size=256, shuffle=False,
