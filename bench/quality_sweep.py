@@ -5,7 +5,8 @@ kvae.fit flags, plus three regularizers kvae does not ship because they did not 
 random shifts of the training digits by up to S pixels, an exponential moving average of the
 weights (Adam's `use_ema`, momentum M), decoupled weight decay W (AdamW). Trains with the same
 data pipeline, model and KL warm-up as kvae.fit, then estimates -log P(X) of the final weights
-with k importance samples on the 500 held-out mnist-5k digits and on 500 training digits.
+with k importance samples on the 500 mnist-5k validation digits (`nll`; the sweep chooses the
+defaults by it, so it is a validation number) and on 500 training digits (`train_nll`).
 
 Prints one JSON line and appends it to bench/results/quality_sweep.jsonl.
 """

@@ -1,7 +1,9 @@
 """python -m kvae.evaluate RUN [--dataset NAME] [--split val|test] [--k 5000] [--n N]
 
-Held-out negative ELBO (reconstruction + KL) and the importance-weighted estimate of -log P(X)
-(Burda, Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders", eq. 8):
+Negative ELBO (reconstruction + KL) and the importance-weighted estimate of -log P(X) (Burda,
+Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders", eq. 8) on the run's validation
+images (`--split val`, the default: they picked the best epoch, so the numbers are validation
+numbers) or on a TFDS dataset's test split (`--split test`: images no choice saw):
 
     log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i ~ Q(z|X)
 
@@ -107,7 +109,7 @@ def summarize(per_example: dict[str, np.ndarray]) -> dict[str, float]:
 def evaluate(vae, x: np.ndarray, binarize: str, k: int = 1000, n: int | None = None,
              seed: int = 0, split: str = "val", dataset: str = "",
              progress: bool = False) -> dict:
-    """NLL (IWAE, k samples) and negative ELBO on held-out images `x` (uint8 or [0, 1] floats)."""
+    """NLL (IWAE, k samples) and negative ELBO on images `x` of `split` (uint8 or [0, 1] floats)."""
     from kvae.data import EVAL_SEED, binarize_fixed
 
     x = x[:n] if n else x
@@ -150,12 +152,13 @@ def format_table(result: dict) -> str:
 def main(argv=None) -> None:
     parser = ArgumentParser(
         prog="python -m kvae.evaluate",
-        description="Held-out negative ELBO and importance-sampled -log P(X) of a trained run.")
+        description="Negative ELBO and importance-sampled -log P(X) of a trained run, on its "
+                    "validation images or a TFDS test split.")
     parser.add_argument("run", help="run folder written by python -m kvae.fit")
     parser.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     parser.add_argument("--split", choices=("val", "test"), default=None,
-                        help="held-out split: val (the run's held-out examples; default) or test "
-                             "(a TFDS dataset's test split)")
+                        help="val (default): the run's validation images, which picked its best "
+                             "epoch; test: a TFDS dataset's test split, which no choice saw")
     parser.add_argument("--k", type=int, default=1000, help="importance samples per image (default 1000)")
     parser.add_argument("--n", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
@@ -181,7 +184,7 @@ def main(argv=None) -> None:
         split = args.split or "val"
         if split == "test" and (name == "mnist-5k" or Path(name).exists()):
             raise KVAEError(f"--split test needs a TFDS dataset with a test split; {name} has only "
-                            "the run's held-out examples: use --split val (the default)")
+                            "the run's validation images: use --split val (the default)")
         data = kdata.load(name, config.data_dir, config.val_size,
                           split="test" if split == "test" else "train", image_size=config.image_size)
         from kvae.model import VAE, load_vae
