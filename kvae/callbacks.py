@@ -34,7 +34,8 @@ class RunState(keras.callbacks.Callback):
 
     On disk, per epoch: `state/epoch-NNNN.weights.h5`, then `history.csv`, then
     `state/progress.json` (the commit point). A crash anywhere leaves the previous epoch's
-    complete state; `restore` truncates history.csv to the committed epochs.
+    complete state; `restore` truncates history.csv to the committed epochs. history.csv has a
+    column `lr`: the learning rate of the epoch's first step, as the optimizer computes it.
     """
 
     def __init__(self, out: Path, config: Config):
@@ -47,6 +48,7 @@ class RunState(keras.callbacks.Callback):
         self.last_logs: dict = {}
         self.nan_epoch: int | None = None
         self.history: list[dict] = []
+        self.lr = math.nan  # of the current epoch's first step
 
     def weights_path(self, epoch: int) -> Path:
         return self.out / STATE / f"epoch-{epoch + 1:04d}.weights.h5"
@@ -68,9 +70,14 @@ class RunState(keras.callbacks.Callback):
         if self.epochs_done == 0:  # stopped (NaN) before its first epoch was saved
             return 0
         vae.load_weights(source / STATE / self.weights_path(self.epochs_done - 1).name)
+        if self.config.lr_schedule == "constant":  # the weights file holds the old run's --lr
+            vae.optimizer.learning_rate = self.config.lr
         self.history = _read_history(source / "history.csv")[: self.epochs_done]
         self._write_history()
         return self.epochs_done
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -80,7 +87,7 @@ class RunState(keras.callbacks.Callback):
             return
         with atomic_path(self.weights_path(epoch)) as tmp:
             self.model.save_weights(tmp)
-        self.history.append({"epoch": epoch + 1, **logs})
+        self.history.append({"epoch": epoch + 1, **logs, "lr": self.lr})
         self._write_history()
         # The best epoch by the full-beta objective: during KL warm-up val_loss uses a smaller beta
         # and would favour the early, under-regularized epochs.
@@ -106,7 +113,9 @@ class RunState(keras.callbacks.Callback):
         if not self.history:
             return
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(self.history[0]))
+        # all columns of all rows: a run from before a column existed resumes with it empty
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.history)
         atomic_write_text(self.out / "history.csv", buffer.getvalue())
@@ -116,5 +125,5 @@ def _read_history(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""}
                 for row in csv.DictReader(f)]

@@ -211,7 +211,14 @@ def make_strategy(name: str):
         if "TF_CONFIG" not in os.environ:
             raise KVAEError("--strategy multi-worker needs the TF_CONFIG environment variable "
                             "(cluster and task) on every machine")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.UnknownError as e:
+            if "gRPC server" not in str(e):
+                raise
+            task = json.loads(os.environ["TF_CONFIG"]).get("task")
+            raise KVAEError(f"--strategy multi-worker: could not start the gRPC server of task "
+                            f"{json.dumps(task)}: is its port in TF_CONFIG already in use?") from None
     return tf.distribute.get_strategy()
 
 

@@ -1,11 +1,13 @@
-"""python -m kvae.fit: the run folder, determinism, resume after SIGKILL, and bad input."""
+"""python -m kvae.fit: the run folder, determinism, resume (after SIGKILL, with a new --lr or more
+--epochs), and bad input."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,26 @@ def test_one_epoch_lowers_the_loss(tiny_npz, tmp_path):
     assert after < before["loss"] - 20  # measured: 543 -> 498 nats after one 14-step epoch
 
 
+# `python -m kvae.fit ARGS` that pauses in the middle of epoch 3 (its first 2 epochs committed) and
+# says so: the test kills it then, on a fast machine or a slow one
+PAUSED = "kvae test: paused in epoch 3"
+PAUSE_IN_EPOCH_3 = f"""
+import sys, threading, keras
+from kvae.fit import fit, parse_args, resolve_config
+
+class Pause(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 2:
+            print({PAUSED!r}, flush=True)
+            threading.Event().wait()
+
+fit(resolve_config(parse_args(sys.argv[1:])), callbacks=[Pause()])
+"""
+
+
 @pytest.mark.slow
 def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, tmp_path):
     args = ["--dataset", tiny_npz, "--epochs", "6", *TINY, "--eval-k", "0"]
@@ -94,22 +116,21 @@ def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, tmp_path):
     assert run_cli("--out", str(straight), *args).returncode == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kvae.fit", "--out", str(killed), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with (open(tmp_path / "killed.stderr", "w") as stderr,
+          subprocess.Popen([sys.executable, "-c", PAUSE_IN_EPOCH_3, "--out", str(killed), *args],
+                           stdout=subprocess.PIPE, stderr=stderr, text=True) as proc):
+        watchdog = threading.Timer(600, proc.kill)  # a safety net: a hung child fails, not a slow one
+        watchdog.start()
+        paused = any(line.startswith(PAUSED) for line in proc.stdout)  # False if it ended first
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        watchdog.cancel()
+    assert paused, (tmp_path / "killed.stderr").read_text()[-3000:]
     progress = killed / "state" / "progress.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["epochs_done"] >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = json.loads(progress.read_text())["epochs_done"]
-    assert 2 <= done < 6
+    assert json.loads(progress.read_text())["epochs_done"] == 2  # epoch 3 was cut half-way
     result = run_cli("--out", str(killed), "--resume", "--dataset", tiny_npz)
     assert result.returncode == 0, result.stderr
-    assert f"resuming {killed} after epoch {done}" in result.stdout
+    assert f"resuming {killed} after epoch 2" in result.stdout
 
     epochs = [r.split(",")[0] for r in (killed / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3", "4", "5", "6"]  # every epoch exactly once
@@ -119,6 +140,85 @@ def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, tmp_path):
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert (killed / "vae.keras").exists()
+
+
+# small, fast runs for the resume tests below (an MLP; no warm-up, so nothing but the rate changes)
+SMALL = dict(arch="mlp", latent_dim=4, hidden=32, batch_size=64, val_size=64, eval_k=0, kl_warmup=0)
+
+
+def history_column(run: Path, name: str) -> list[float]:
+    rows = (run / "history.csv").read_text().splitlines()
+    index = rows[0].split(",").index(name)
+    return [float(r.split(",")[index]) for r in rows[1:]]
+
+
+def model_weights(path: Path) -> np.ndarray:
+    """The layers' kernels and biases in a `.weights.h5` file, as one flat vector (not the
+    optimizer's variables, nor the posterior's scalars: beta and the eps counter)."""
+    return np.concatenate([np.ravel(v) for k, v in sorted(weights(path).items())
+                           if not k.startswith("optimizer") and np.ndim(v) > 0])
+
+
+def test_resume_with_a_new_lr_trains_with_it(tiny_npz, tmp_path):
+    from kvae.config import Config
+    from kvae.fit import fit
+
+    same, lower = tmp_path / "same", tmp_path / "lower"
+    fit(Config(dataset=tiny_npz, out=str(same), epochs=2, lr=1e-3, lr_schedule="constant", **SMALL))
+    shutil.copytree(same, lower)
+    start = model_weights(same / "state" / "epoch-0002.weights.h5")
+    for run, lr in ((same, 1e-3), (lower, 1e-4)):
+        fit(Config(dataset=tiny_npz, out=str(run), epochs=3, lr=lr, lr_schedule="constant", **SMALL),
+            resume=True)
+    # the rate the optimizer used in each epoch
+    np.testing.assert_allclose(history_column(same, "lr"), [1e-3, 1e-3, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(history_column(lower, "lr"), [1e-3, 1e-3, 1e-4], rtol=1e-6)
+    # and what it did: Adam's steps scale with the rate, so epoch 3 moves the weights about 10x
+    # less (an ignored --lr: exactly as far) and lowers the loss less
+    moved = [np.linalg.norm(model_weights(run / "state" / "epoch-0003.weights.h5") - start)
+             for run in (same, lower)]
+    assert 0.05 < moved[1] / moved[0] < 0.2, moved
+    loss_same, loss_lower = history_column(same, "loss"), history_column(lower, "loss")
+    assert loss_same[:2] == loss_lower[:2] and loss_lower[2] > loss_same[2], (loss_same, loss_lower)
+
+
+def test_resume_with_more_epochs_stretches_the_cosine_schedule(tiny_npz, tmp_path):
+    import keras
+
+    from kvae.config import Config
+    from kvae.fit import fit
+
+    class Rates(keras.callbacks.Callback):
+        """(optimizer step, learning rate) at the start of every train step."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            optimizer = self.model.optimizer
+            self.seen.append((int(keras.ops.convert_to_numpy(optimizer.iterations)),
+                              float(keras.ops.convert_to_numpy(optimizer.learning_rate))))
+
+    def cosine(step, total, lr=2e-3, alpha=0.1):  # Config.lr_schedule "cosine": down to 10%
+        return lr * (alpha + (1 - alpha) * 0.5 * (1 + np.cos(np.pi * step / total)))
+
+    run = tmp_path / "run"
+    values = dict(dataset=tiny_npz, out=str(run), lr=2e-3, lr_schedule="cosine",
+                  steps_per_execution=1, **SMALL)  # one step per call: a callback sees every step
+    first, resumed = Rates(), Rates()
+    fit(Config(epochs=2, **values), callbacks=[first])
+    fit(Config(epochs=4, **values), resume=True, callbacks=[resumed])
+    steps = len(first.seen) // 2  # per epoch
+    assert steps > 1 and [s for s, _ in first.seen] == list(range(2 * steps))
+    assert [s for s, _ in resumed.seen] == list(range(2 * steps, 4 * steps))  # steps carry on
+    np.testing.assert_allclose([r for _, r in first.seen],
+                               [cosine(s, 2 * steps) for s in range(2 * steps)], rtol=1e-5)
+    # after the resume: the cosine over the new total of 4 epochs, from where the run stood
+    np.testing.assert_allclose([r for _, r in resumed.seen],
+                               [cosine(s, 4 * steps) for s in range(2 * steps, 4 * steps)], rtol=1e-5)
+    np.testing.assert_allclose(history_column(run, "lr"), [cosine(0, 2 * steps), cosine(steps, 2 * steps),
+                               cosine(2 * steps, 4 * steps), cosine(3 * steps, 4 * steps)], rtol=1e-5)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
@@ -194,6 +294,37 @@ def test_resume_after_a_nan_in_the_first_epoch_starts_over(tmp_path):
     state = RunState(tmp_path, Config())
     state.save_progress()  # what fit() leaves when epoch 1 went NaN: no weights, epochs_done 0
     assert RunState(tmp_path, Config()).restore(vae=None) == 0
+
+
+def test_resume_of_a_run_from_before_the_lr_column(tmp_path):
+    from kvae.callbacks import RunState
+    from kvae.config import Config
+
+    class Model:  # what RunState touches of a VAE
+        stop_training = False
+
+        class optimizer:
+            learning_rate = 0.5
+
+        def load_weights(self, path):
+            pass
+
+        def save_weights(self, path):
+            open(path, "wb").close()
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "history.csv").write_text("epoch,loss\n1,5.0\n")  # written before `lr` existed
+    RunState(tmp_path, Config()).save_progress()
+    progress = tmp_path / "state" / "progress.json"
+    progress.write_text(json.dumps({**json.loads(progress.read_text()), "epochs_done": 1}))
+    for epoch in (1, 2):  # a second resume reads the half-empty column back
+        state = RunState(tmp_path, Config())
+        assert state.restore(Model()) == epoch
+        state.set_model(Model())
+        state.on_epoch_begin(epoch)
+        state.on_epoch_end(epoch, {"loss": 4.0})
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,loss,lr", "1,5.0,", "2,4.0,0.5", "3,4.0,0.5"]
 
 
 def test_best_epoch_is_judged_with_the_full_beta(tmp_path):
