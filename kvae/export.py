@@ -16,31 +16,25 @@ How each file is made:
   weightless files whose output is NaN (TOOLCHAIN.md). fp16 = float16 weights; int8 = full integer
   (`static`) with float32 I/O, calibrated on the run's own training images (encoder) and on z
   from the prior and from the posterior of training images (decoder), or dynamic range
-  (`dynamic`: int8 weights, float activations), whichever has the lower held-out NLL (`--int8
-  best`, the default). Full integer is the fastest, but it quantizes the decoder's sigmoid output
-  to steps of 1/256 (quickstart decoder: +0.256 nats vs +0.015 for dynamic range); dynamic range
-  is as fast through `batch1` but its hybrid Conv2DTranspose is ~20x slower than float32 through
-  the dynamic-batch `serving_default` at batch 64 (kvae.runtime feeds the decoder through the
-  fixed-batch signatures, so it does not hit that; measured in bench/latency.py).
+  (`dynamic`: int8 weights, float activations).
 - ONNX: `tf2onnx.convert.from_function`, opset 17, batch dim named `batch`. fp16 = float16
   weights, each followed by a Cast to float32 (float32 I/O and arithmetic, half the size, runs on
   every onnxruntime build). int8 = onnxruntime's static QDQ (calibrated like TFLite's) or dynamic
-  quantization, whichever gives the lower held-out NLL on this run (both are measured each time).
+  quantization, both with uint8 weights and activations (INT8_TYPES says why).
+- int8 `best` (the default) builds both methods and keeps the one whose NLL change is lower on
+  training images that calibration did not use; the manifest's nll_delta is then measured on
+  held-out images. Full integer is the faster one but quantizes the decoder's sigmoid output to
+  steps of 1/256; the dynamic-range TFLite decoder is slow through the dynamic-batch
+  `serving_default` (hybrid Conv2DTranspose), so kvae.runtime feeds it through the fixed-batch
+  signatures. Sizes, NLL changes and latencies: bench/results/latency.json (bench/latency.py).
 
 Batch in TFLite. Every .tflite file has two signatures sharing one copy of the weights:
 `serving_default` with a dynamic batch (resized to any batch) and `batch1`, fixed at batch 1
 (`--fixed-batch 1 64` adds `batch64`, ...). XNNPACK cannot take a Conv2DTranspose whose output
-shape is computed at run time, so a fixed signature is the fast path for the conv decoder.
-Measured with `python export/report.py RUN --latency` on the quickstart run (conv, latent 32,
-hidden 256), LiteRT 1 thread, ms per call, dynamic / fixed signature:
-    decoder fp32   batch 1: 0.43 / 0.29    batch 64: 26.2 / 13.6
-    decoder int8   batch 1: 0.22 / 0.085   batch 64: 14.6 / 3.4
-    encoder fp32   batch 1: 0.065 / 0.060  batch 64: 2.37 / 2.46 (Conv2D: no difference)
-    mlp halves     no difference (0.009 ms at batch 1)
-Default: `serving_default` stays dynamic (any batch works, as the contract promises) and `batch1`
-is the fast path for one image at a time, which is what a device app decodes; a fixed signature
-costs ~0.3% of the file (fp32; ~9% for int8). The manifest's "batch" is "dynamic" (the
-serving_default signature) and "signatures" maps each signature to its batch.
+shape is computed at run time, so a fixed signature is the fast path for the conv decoder; a
+fixed signature adds a small part to the file (its latency and size: bench/latency.py).
+The manifest's "batch" is "dynamic" (the serving_default signature) and "signatures" maps each
+signature to its batch.
 
 Self-check (before a file gets its final name): the file is written under a temporary name,
 loaded in its runtime (ai_edge_litert Interpreter / onnxruntime; ONNX also through
@@ -133,6 +127,9 @@ class Run:
       x_nll: (NLL_N, H, W, C) held-out images for nll_delta; loc_nll, scale_nll their Keras posterior.
       eps_nll: (NLL_K, NLL_N, D) the eps shared by every variant.
       x_calibration, z_calibration: int8 calibration inputs from the training split and the prior.
+      x_select: (<= NLL_N, H, W, C) training images not used for calibration; loc_select,
+        scale_select their Keras posterior; eps_select their eps. The int8 method is chosen on
+        these and reported on the held-out x_nll (a number used for a choice is not a report).
     """
 
     path: Path
@@ -148,7 +145,11 @@ class Run:
     x_calibration: np.ndarray
     z_calibration: np.ndarray
     dataset: str
-    _nll_fp32: np.ndarray | None = None
+    x_select: np.ndarray
+    loc_select: np.ndarray
+    scale_select: np.ndarray
+    eps_select: np.ndarray
+    _nll_fp32: dict = dataclasses.field(default_factory=dict)
     _keras_decode: Callable | None = None
 
     @property
@@ -190,12 +191,18 @@ class Run:
         return "binarized with a fixed seed" if mode == "dynamic" else (
             "binarized at 0.5" if mode == "static" else "pixels / 255")
 
-    def nll_fp32(self) -> np.ndarray:
-        """Per-image held-out NLL with the float32 Keras decoder (computed once)."""
-        if self._nll_fp32 is None:
-            self._nll_fp32 = iwae_nll(self.x_nll, self.loc_nll, self.scale_nll, self.eps_nll,
-                                      self.keras_decode(), self.likelihood, self.sigma)
-        return self._nll_fp32
+    def nll_images(self, images: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x, loc, scale, eps) of `held_out` (what nll_delta reports) or `selection` images."""
+        if images == "held_out":
+            return self.x_nll, self.loc_nll, self.scale_nll, self.eps_nll
+        return self.x_select, self.loc_select, self.scale_select, self.eps_select
+
+    def nll_fp32(self, images: str = "held_out") -> np.ndarray:
+        """Per-image NLL with the float32 Keras decoder on `images` (computed once)."""
+        if images not in self._nll_fp32:
+            self._nll_fp32[images] = iwae_nll(*self.nll_images(images), self.keras_decode(),
+                                              self.likelihood, self.sigma)
+        return self._nll_fp32[images]
 
     def keras_decode(self) -> Callable[[np.ndarray], np.ndarray]:
         if self._keras_decode is None:
@@ -262,8 +269,16 @@ def load_run(run: str | Path) -> Run:
     loc_nll, scale_nll, _ = posterior_sample(x_nll)
     eps_nll = np.random.default_rng(NLL_SEED + 1).standard_normal(
         (NLL_K, len(x_nll), latent_dim)).astype(np.float32)
+    x_select = data.x_train[CALIBRATION_N:CALIBRATION_N + NLL_N]
+    if len(x_select) < 2:  # a tiny training set: its calibration images are all there is
+        x_select = data.x_train[:NLL_N]
+    x_select = kdata.binarize_fixed(np.asarray(x_select), mode, seed=kdata.EVAL_SEED + 2)
+    loc_select, scale_select = (np.asarray(t) for t in encoder(x_select, training=False))
+    eps_select = np.random.default_rng(NLL_SEED + 2).standard_normal(
+        (NLL_K, len(x_select), latent_dim)).astype(np.float32)
     return Run(run, config, encoder, decoder, x_parity, z_parity, x_nll, loc_nll, scale_nll,
-               eps_nll, x_calibration, z_calibration, config.dataset)
+               eps_nll, x_calibration, z_calibration, config.dataset, x_select, loc_select,
+               scale_select, eps_select)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,39 +341,53 @@ def keras_decode(decoder) -> Callable[[np.ndarray], np.ndarray]:
 
 def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None,
               loc: np.ndarray | None = None, scale: np.ndarray | None = None,
-              what: str = "decoder") -> dict:
-    """Change in held-out NLL when one half is replaced by an exported variant (paired).
+              what: str = "decoder", images: str = "held_out") -> dict:
+    """Change in NLL when one half is replaced by an exported variant (paired).
 
     A decoder variant is scored with the float32 Keras encoder's (loc, scale); an encoder
     variant's (loc, scale) are the proposal Q(z|X) with the float32 Keras decoder. Same eps.
 
+    Args:
+      images: `held_out` (the reported nll_delta) or `selection` (training images that choose
+        the int8 method; see Run).
+
     Returns:
       {"nll_delta": mean change in nats, "nll": {fp32, variant, delta_se, n, k, inputs}}.
     """
-    reference = run.nll_fp32()
-    nll = iwae_nll(run.x_nll, run.loc_nll if loc is None else loc,
-                   run.scale_nll if scale is None else scale, run.eps_nll,
+    x, loc0, scale0, eps = run.nll_images(images)
+    reference = run.nll_fp32(images)
+    nll = iwae_nll(x, loc0 if loc is None else loc, scale0 if scale is None else scale, eps,
                    decode or run.keras_decode(), run.likelihood, run.sigma)
     diff = nll - reference
     if not np.all(np.isfinite(diff)):
-        raise KVAEError(f"held-out NLL with the exported {what} is not finite")
+        raise KVAEError(f"NLL with the exported {what} is not finite")
     other = "loc, scale from the float32 Keras encoder" if what == "decoder" else (
         "this encoder's loc, scale as the proposal, the float32 Keras decoder")
+    source = (f"held-out {run.dataset} images" if images == "held_out" else
+              f"{run.dataset} training images not used for calibration")
+    seed = NLL_SEED + (1 if images == "held_out" else 2)
     return {"nll_delta": round(float(diff.mean()), 4) + 0.0,  # + 0.0: no "-0.0" in the manifest
             "nll": {"fp32": round(float(reference.mean()), 3), "variant": round(float(nll.mean()), 3),
                     "delta_se": round(float(diff.std(ddof=1) / math.sqrt(len(diff))), 4)
                     if len(diff) > 1 else None,
-                    "n": int(len(diff)), "k": int(run.eps_nll.shape[0]),
-                    "inputs": f"held-out {run.dataset} images ({run.preprocessing_short()}); "
-                              f"{other}; the same eps for every variant (seed {NLL_SEED + 1})"}}
+                    "n": int(len(diff)), "k": int(eps.shape[0]),
+                    "inputs": f"{source} ({run.preprocessing_short()}); {other}; "
+                              f"the same eps for every variant (seed {seed})"}}
 
 
-def _nll_of_file(run: Run, half: str, runner, batch: int) -> dict:
-    """nll_entry for an exported half run by `runner` in batches of `batch`."""
+def _nll_of_file(run: Run, half: str, runner, batch: int, images: str = "held_out",
+                 signature: str | None = None) -> dict:
+    """nll_entry for an exported half run by `runner` in batches of `batch` (recorded: a
+    dynamically quantized file's output depends on the other rows of its batch)."""
     if half == "decoder":
-        return nll_entry(run, _numpy_fn(runner, "z", "x_mean", batch))
-    out = _batches(runner, "x", run.x_nll, batch)
-    return nll_entry(run, loc=out["loc"], scale=out["scale"], what="encoder")
+        entry = nll_entry(run, _numpy_fn(runner, "z", "x_mean", batch), images=images)
+    else:
+        out = _batches(runner, "x", run.nll_images(images)[0], batch)
+        entry = nll_entry(run, loc=out["loc"], scale=out["scale"], what="encoder", images=images)
+    entry["nll"]["batch"] = batch
+    if signature:
+        entry["nll"]["signature"] = signature
+    return entry
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,17 +671,18 @@ def _savedmodel(run: Run, half: str, folder: Path, fixed_batches: tuple[int, ...
     return keys
 
 
-def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str]) -> dict:
+def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str],
+                   images: str = "held_out") -> dict:
     """_nll_of_file for a .tflite file, row by row through `batch1` when it has one (fastest)."""
-    fast = "batch1" in keys
-    return _nll_of_file(run, half, LiteRTRunner(path, "batch1" if fast else "serving_default"),
-                        1 if fast else 64)
+    signature = "batch1" if "batch1" in keys else "serving_default"
+    return _nll_of_file(run, half, LiteRTRunner(path, signature),
+                        1 if signature == "batch1" else 64, images, signature)
 
 
 def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibration: np.ndarray,
                  folder: Path, int8: str = "best") -> tuple[bytes, dict]:
     """Full-integer (`static`: calibrated int8 activations) and dynamic-range (`dynamic`: int8
-    weights, float activations) candidates, the lower held-out NLL kept (`_best_int8`).
+    weights, float activations) candidates, one kept by `_best_int8`.
     Full-integer is the faster one, but it quantizes the decoder's sigmoid output to steps of
     1/256, which costs NLL on confident pixels."""
 
@@ -660,9 +690,10 @@ def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibra
         data = _tflite_bytes(savedmodel, keys, "int8", calibration, INPUT[half], method)
         path = folder / f"{half}.{method}.tflite"
         path.write_bytes(data)
-        return data, len(data), _nll_of_tflite(run, half, path, keys)
+        return data, len(data), lambda images: _nll_of_tflite(run, half, path, keys, images)
 
-    return _best_int8("TFLite", half, int8, build)
+    data, extra = _best_int8("TFLite", half, int8, build)
+    return data, {**extra, "int8_types": INT8_TYPES["tflite", extra["quantization"]]}
 
 
 def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration: np.ndarray,
@@ -795,8 +826,8 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
       quantize: quantized variants besides float32: any of `fp16`, `int8`.
       fixed_batches: batch sizes of the extra fixed-batch signatures `batch<N>` (fast path).
       int8: `static` (full integer, calibrated), `dynamic` (int8 weights, float activations)
-        or `best` (both built; the lower held-out NLL is written, both recorded under
-        "int8_candidates").
+        or `best` (both built; the one whose NLL change on the selection images is lower is
+        written, both recorded under "int8_candidates").
 
     Returns:
       The manifest (dict) after merging this export's entries.
@@ -988,8 +1019,26 @@ class _Reader:
         self.i = 0
 
 
+# int8 types of each method (recorded in the manifest as "int8_types"). ONNX uses uint8 weights
+# as well as uint8 activations (U8U8) for both methods: with int8 weights (U8S8, and S8S8, which
+# x86 runs as U8S8) onnxruntime's x86 kernels for CPUs with AVX2 or AVX-512 but without VNNI
+# (e.g. AMD Zen 3, Intel Skylake) add pairs of products in saturating 16-bit integers, so such a
+# CPU computes another model than the one checked here (up to 0.7 off in `loc`, seen on a Zen 3);
+# U8U8 widens to 16 bits first and gives the same integers on every CPU. TFLite's int8 kernels
+# accumulate in 32 bits on every CPU. tests/test_export.py runs the files under an emulated
+# AVX2 CPU without VNNI (qemu-x86_64 -cpu Haswell) and compares.
+INT8_TYPES = {
+    ("onnx", "static"): {"activations": "uint8", "weights": "uint8"},
+    ("onnx", "dynamic"): {"activations": "uint8, quantized at run time", "weights": "uint8"},
+    ("tflite", "static"): {"activations": "int8", "weights": "int8"},
+    ("tflite", "dynamic"): {"activations": "float32 (int8 at run time in hybrid kernels)",
+                            "weights": "int8"},
+}
+
+
 def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folder: Path):
-    """int8 ONNX: `static` (QDQ, calibrated) or `dynamic` (weights int8, activations at run time)."""
+    """int8 ONNX (U8U8, see INT8_TYPES): `static` (QDQ, calibrated) or `dynamic` (weights int8,
+    activations at run time)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quant_pre_process, quantize_dynamic, quantize_static)
@@ -1003,7 +1052,7 @@ def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folde
         if method == "static":
             reader = type("Reader", (_Reader, CalibrationDataReader), {})(INPUT[half], calibration)
             quantize_static(pre, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
         else:
             quantize_dynamic(pre, dst, weight_type=QuantType.QUInt8, per_channel=False)
     return onnx.load(dst)
@@ -1053,13 +1102,14 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
     """Writes encoder/decoder .onnx files (float32 and `quantize` variants) and their manifest.
 
     int8 (`best`): static QDQ and dynamic quantization are both built and measured; the one with
-    the lower held-out NLL is written, and the manifest records both under "int8_candidates".
+    the lower NLL change on the selection images is written, and the manifest records both under
+    "int8_candidates".
 
     Args:
       run: a run folder (or a loaded Run).
       out: output folder (default RUN/export).
       quantize: quantized variants besides float32: any of `fp16`, `int8`.
-      int8: `static` (QDQ, calibrated), `dynamic` or `best` (both; the lower held-out NLL).
+      int8: `static` (QDQ, calibrated), `dynamic` or `best` (both; see _best_int8).
 
     Returns:
       The manifest (dict) after merging this export's entries.
@@ -1104,40 +1154,57 @@ def _methods(int8: str) -> tuple[str, ...]:
 
 def _onnx_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path,
                int8: str = "best") -> tuple:
-    """Static-QDQ and dynamic int8 candidates, the lower held-out NLL kept (`_best_int8`)."""
+    """Static-QDQ and dynamic int8 candidates, one kept by `_best_int8`."""
 
     def build(method: str):
         proto = _quantize_onnx(fp32, half, method, calibration, folder)
         path = folder / f"{half}.{method}.checked.onnx"
         data = proto.SerializeToString()
         path.write_bytes(data)
-        return proto, len(data), _nll_of_file(run, half, ORTRunner(path), 256)
+        return proto, len(data), lambda images: _nll_of_file(run, half, ORTRunner(path), 256, images)
 
-    return _best_int8("ONNX", half, int8, build)
+    proto, extra = _best_int8("ONNX", half, int8, build)
+    return proto, {**extra, "int8_types": INT8_TYPES["onnx", extra["quantization"]]}
 
 
 def _best_int8(fmt: str, half: str, int8: str, build: Callable[[str], tuple]) -> tuple:
-    """Builds the int8 candidates `int8` asks for with build(method) -> (model, size in bytes,
-    NLL entry) and keeps the one with the lower held-out NLL.
+    """Builds the int8 candidates `int8` asks for and keeps the one with the lower NLL change on
+    the selection images (training images); the held-out nll_delta of each is reported, not used.
+
+    Args:
+      build: build(method) -> (model, size in bytes, nll(images) -> NLL entry); it may raise,
+        e.g. where a converter cannot quantize an op: that candidate is then recorded with its
+        error (and said on stdout), and the other one is kept.
 
     Returns:
-      (model, manifest fields: quantization, int8_candidates, nll_delta, nll).
+      (model, manifest fields: quantization, int8_candidates, int8_selection, nll_delta, nll).
+
+    Raises:
+      KVAEError: every candidate failed (each one's error in the message).
     """
     candidates = {}
     for method in _methods(int8):
         try:
-            model, size, result = build(method)
+            model, size, nll = build(method)
+            selection, held_out = nll("selection"), nll("held_out")
         except Exception as e:  # one method may not support an op; the other may
             candidates[method] = {"error": f"{type(e).__name__}: {str(e).strip()[:200]}"}
+            log(f"kvae.export: {fmt} int8 ({method}) of the {half} failed: "
+                f"{candidates[method]['error'].splitlines()[0]}")
             continue
-        candidates[method] = {"model": model, "size": size, **result}
+        candidates[method] = {"model": model, "size": size, "selection": selection, **held_out}
     ok = {m: c for m, c in candidates.items() if "model" in c}
     if not ok:
         raise KVAEError(f"{fmt} int8 quantization of the {half} failed: " +
                         "; ".join(f"{m}: {c['error']}" for m, c in candidates.items()))
-    method = min(ok, key=lambda m: ok[m]["nll_delta"])
-    summary = {m: ({"nll_delta": c["nll_delta"], "size": c["size"]} if "model" in c
-                   else {"error": c["error"]}) for m, c in candidates.items()}
+    method = min(ok, key=lambda m: ok[m]["selection"]["nll_delta"])
+    summary = {m: ({"selection_nll_delta": c["selection"]["nll_delta"], "nll_delta": c["nll_delta"],
+                    "size": c["size"]} if "model" in c else {"error": c["error"]})
+               for m, c in candidates.items()}
     chosen = ok[method]
-    return chosen["model"], {"quantization": method, "int8_candidates": summary,
-                             "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
+    selection = chosen["selection"]["nll"]
+    return chosen["model"], {
+        "quantization": method, "int8_candidates": summary,
+        "int8_selection": (f"the lower selection_nll_delta: {selection['inputs']}, n={selection['n']}, "
+                           f"k={selection['k']}; nll_delta is measured on other images"),
+        "nll_delta": chosen["nll_delta"], "nll": chosen["nll"]}
