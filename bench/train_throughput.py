@@ -1,14 +1,19 @@
-"""python bench/train_throughput.py [--epochs 3] [--rounds 3] [--arch conv] [--batch-size 128] [--steps-per-execution 8]
+"""python bench/train_throughput.py [--epochs 4] [--rounds 3] [--arch conv] [--batch-size 128] [--steps-per-execution 8] [--results FILE]
 
 Training samples/second of kvae's own path (kvae.data pipeline + VAE.fit with the TFP posterior,
-XLA, steps_per_execution) against a reference written the way the Keras VAE example
-(keras-io, "Variational AutoEncoder", fchollet) writes it: a custom `train_step` with
-`tf.GradientTape`, a Sampling layer, numpy arrays passed to `fit`, default `compile()`.
-Same architecture (kvae.model's encoder and decoder), batch size, data (mnist-5k) and epochs.
-Runs alternate (reference, kvae, reference, kvae, ...) so both see the same machine load; the
-first epoch of each run (tracing/compilation) is timed separately and excluded.
+compiled exactly as `python -m kvae.fit` compiles it on this device: XLA on with a GPU and off on
+CPU unless --jit says otherwise, steps_per_execution the largest divisor of the epoch's steps up
+to --steps-per-execution) against a reference written the way the Keras VAE example (keras-io,
+"Variational AutoEncoder", fchollet) writes it: a custom `train_step` with `tf.GradientTape`, a
+Sampling layer, numpy arrays passed to `fit`, default `compile()` (Keras's "auto" XLA: on with a
+GPU). Same architecture (kvae.model's encoder and decoder), batch size, data (mnist-5k, the same
+statically binarized images for both) and epochs. Runs alternate (reference, kvae, reference,
+kvae, ...) so both see the same machine load; the first epoch of each run (tracing/compilation)
+is timed separately and excluded.
 
-Prints one line per run and the ratio kvae / reference; writes bench/results/train_throughput.json.
+Prints one line per run and the ratio kvae / reference; writes bench/results/train_throughput.json
+with what each side ran (XLA on/off and steps per execution, read back from the compiled models)
+and the device.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from kvae import data as kdata
+from kvae import fit as kvae_fit
 from kvae.config import Config
 from kvae.model import build_decoder_net, build_encoder, build_vae
 
@@ -94,27 +100,42 @@ def _rates(clock: EpochClock, samples_per_epoch: int) -> tuple[float, float]:
     return t[1] - t[0], samples_per_epoch * (len(t) - 2) / (t[-1] - t[1])
 
 
-def reference_run(x: np.ndarray, config: Config, epochs: int) -> tuple[float, float]:
+def compiled_as(model: keras.Model) -> dict:
+    """What a compiled model runs: XLA on/off (Keras's resolved value) and steps per execution."""
+    return {"jit_compile": bool(model.jit_compile), "steps_per_execution": int(model.steps_per_execution)}
+
+
+def kvae_compile_options(config: Config, steps: int) -> dict:
+    """`compile()` arguments as kvae.fit.fit resolves them (TensorFlow backend, one replica).
+
+    kvae.fit has no function for this yet, so these two lines mirror fit's;
+    tests/test_bench.py checks that they compile what fit compiles, GPU or not.
+    """
+    jit = bool(kvae_fit.accelerators()) if config.jit is None else config.jit
+    return {"jit_compile": jit,
+            "steps_per_execution": kdata.steps_per_execution(steps, config.steps_per_execution)}
+
+
+def reference_run(x: np.ndarray, config: Config, epochs: int) -> tuple[float, float, dict]:
     encoder = build_encoder(x.shape[1:], config.latent_dim, config.arch, config.hidden, config.filters)
     net = build_decoder_net(x.shape[1:], config.latent_dim, config.arch, config.hidden, config.filters)
     z = keras.Input((config.latent_dim,))
     decoder = keras.Model(z, keras.layers.Activation("sigmoid")(net(z)))
     model = ReferenceVAE(encoder, decoder)
-    model.compile(optimizer=keras.optimizers.Adam())
+    model.compile(optimizer=keras.optimizers.Adam())  # the example's defaults (jit_compile="auto")
     clock = EpochClock()
     model.fit(x, epochs=epochs, batch_size=config.batch_size, verbose=0, callbacks=[clock])
-    return _rates(clock, len(x))
+    return (*_rates(clock, len(x)), compiled_as(model))
 
 
-def kvae_run(x: np.ndarray, config: Config, epochs: int) -> tuple[float, float]:
+def kvae_run(x: np.ndarray, config: Config, epochs: int) -> tuple[float, float, dict]:
     vae = build_vae(config, x.shape[1:])
     x_uint8 = (x * 255).round().astype(np.uint8)
     ds, steps = kdata.train_dataset(x_uint8, config.batch_size, "static", config.seed, 0, epochs)
-    vae.compile(optimizer=keras.optimizers.Adam(config.lr), jit_compile=bool(config.jit),
-                steps_per_execution=kdata.steps_per_execution(steps, config.steps_per_execution))
+    vae.compile(optimizer=keras.optimizers.Adam(config.lr), **kvae_compile_options(config, steps))
     clock = EpochClock()
     vae.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[clock])
-    return _rates(clock, steps * config.batch_size)
+    return (*_rates(clock, steps * config.batch_size), {**compiled_as(vae), "steps_per_epoch": steps})
 
 
 def main() -> None:
@@ -126,31 +147,51 @@ def main() -> None:
     parser.add_argument("--steps-per-execution", type=int, default=Config.steps_per_execution,
                         help="kvae's --steps-per-execution (default: kvae's; results of another "
                              "value go to train_throughput-speN.json)")
+    parser.add_argument("--jit", choices=("auto", "on", "off"), default="auto",
+                        help="kvae's XLA setting (default auto: as kvae.fit, on with a GPU)")
+    parser.add_argument("--results", default=None,
+                        help="JSON file to write (default bench/results/train_throughput[-speN].json)")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2 (the first epoch is excluded from the rate)")
     config = Config(arch=args.arch, batch_size=args.batch_size,
-                    steps_per_execution=args.steps_per_execution)
+                    steps_per_execution=args.steps_per_execution,
+                    jit={"auto": None, "on": True, "off": False}[args.jit])
     d = kdata.load("mnist-5k")
     x = kdata.binarize_fixed(d.x_train, "static")  # the same binary images for both
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = kvae_fit.accelerators()
+    device = "GPU: " + ", ".join(gpus) if gpus else f"CPU ({platform.processor() or platform.machine()})"
+    print(f"device {device}", flush=True)
     runs = {"reference": [], "kvae": []}
+    ran = {"reference": [], "kvae": []}
     for r in range(args.rounds):
         for name, run in (("reference", reference_run), ("kvae", kvae_run)):
             keras.utils.clear_session()
-            first, rate = run(x, config, args.epochs)
+            first, rate, compiled = run(x, config, args.epochs)
             runs[name].append(rate)
-            print(f"round {r + 1} {name:9s}: {rate:8.0f} samples/s (first epoch {first:.1f} s)", flush=True)
+            ran[name].append(compiled)
+            print(f"round {r + 1} {name:9s}: {rate:8.0f} samples/s (first epoch {first:.1f} s; "
+                  f"{', '.join(f'{k} {v}' for k, v in compiled.items())})", flush=True)
     ref, ours = statistics.median(runs["reference"]), statistics.median(runs["kvae"])
     ratios = [k / r for k, r in zip(runs["kvae"], runs["reference"])]
     print(f"median: kvae {ours:.0f} samples/s, reference {ref:.0f} samples/s, "
           f"ratio {ours / ref:.2f}x (per round: {', '.join(f'{q:.2f}' for q in ratios)})")
-    RESULTS.mkdir(exist_ok=True)
-    result = {"device": "GPU" if gpus else "CPU", "machine": platform.machine(), "arch": args.arch,
+    for name, compiled in ran.items():  # every round of a side compiles the same way
+        assert all(c == compiled[0] for c in compiled), (name, compiled)
+    result = {"device": "GPU" if gpus else "CPU", "devices": gpus or [device],
+              "machine": platform.machine(), "arch": args.arch,
               "batch_size": args.batch_size, "epochs": args.epochs, "rounds": args.rounds,
               "samples_per_second": runs, "median_ratio": ours / ref, "round_ratios": ratios,
-              "kvae_path": {"jit_compile": config.jit, "steps_per_execution": config.steps_per_execution}}
+              # read back from the compiled models: what ran, not what was asked for
+              "kvae_path": {**ran["kvae"][0], "jit_asked": args.jit,
+                            "steps_per_execution_asked": config.steps_per_execution},
+              "reference_path": ran["reference"][0]}
     spe = config.steps_per_execution
     name = "train_throughput.json" if spe == Config.steps_per_execution else f"train_throughput-spe{spe}.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    path = Path(args.results) if args.results else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
