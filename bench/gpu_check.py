@@ -3,9 +3,10 @@
 The GPU check (run it through bench/gpu_check.sh, which installs what it needs offline). Trains
 kvae on the embedded mnist-5k with the JAX backend, float32 and then mixed precision, and reports
 training samples/second (epochs after the first, which compiles); then checks the result: the
-saved encoder.keras / decoder.keras reload and compute what the trained model computes, and the
-held-out -log P(X) (IWAE, k=100) is finite and learning. With TensorFlow present it also exports
-both halves to ONNX and checks onnxruntime against the model.
+saved vae.keras / encoder.keras / decoder.keras reload and compute what the trained model still in
+memory computes (so a save that wrote the wrong weights fails), and the held-out -log P(X) (IWAE,
+k=100) is finite and learning. With TensorFlow present it also exports both halves to ONNX and
+checks onnxruntime against the trained model.
 
 Prints a table and one PASS/FAIL line; writes bench/results/gpu_check.json (gpu_check-cpu.json
 with --allow-cpu and no GPU); exits 1 on FAIL.
@@ -46,8 +47,11 @@ def epoch_timer():
     return EpochTimer()
 
 
-def train(out: Path, epochs: int, batch_size: int, mixed: bool) -> dict:
-    """One kvae.fit run; returns its timing (steady-state samples/s) and metrics."""
+def train(out: Path, epochs: int, batch_size: int, mixed: bool):
+    """One kvae.fit run; returns (its timing (steady-state samples/s) and metrics, the trained VAE).
+
+    The VAE is the object kvae.fit trained and saved its files from (the callback's model).
+    """
     from kvae import data as kdata
     from kvae.config import Config
     from kvae.fit import fit
@@ -58,15 +62,17 @@ def train(out: Path, epochs: int, batch_size: int, mixed: bool) -> dict:
     metrics = fit(config, callbacks=[timer])
     samples = kdata.steps_per_epoch(metrics["n_train"], batch_size) * batch_size
     steady = timer.seconds[1:] or timer.seconds
-    return {"precision": "mixed_float16" if mixed else "float32", "epochs": epochs,
-            "batch_size": batch_size, "first_epoch_s": round(timer.seconds[0], 2),
-            "epoch_s": round(statistics.median(steady), 4),
-            "samples_per_s": round(samples / statistics.median(steady), 1),
-            "held_out_nll_k100": round(metrics["eval"]["nll"], 2), "run": str(out)}
+    row = {"precision": "mixed_float16" if mixed else "float32", "epochs": epochs,
+           "batch_size": batch_size, "first_epoch_s": round(timer.seconds[0], 2),
+           "epoch_s": round(statistics.median(steady), 4),
+           "samples_per_s": round(samples / statistics.median(steady), 1),
+           "held_out_nll_k100": round(metrics["eval"]["nll"], 2), "run": str(out)}
+    return row, timer.model
 
 
-def check(run: Path) -> list[str]:
-    """Problems with the run folder's saved halves (empty list: all good)."""
+def check(run: Path, trained) -> list[str]:
+    """Problems with the run folder's saved files against `trained`, the VAE kvae.fit trained
+    and saved them from (empty list: all good)."""
     import keras
     import numpy as np
 
@@ -74,22 +80,28 @@ def check(run: Path) -> list[str]:
     from kvae.model import load_vae
 
     problems = []
-    vae = load_vae(run / "vae.keras")
     x = kdata.binarize_fixed(kdata.load("mnist-5k").x_val[:64], "dynamic")
-    z = np.random.default_rng(0).standard_normal((64, vae.latent_dim)).astype(np.float32)
+    z = np.random.default_rng(0).standard_normal((64, trained.latent_dim)).astype(np.float32)
+    want_loc, want_scale = (np.asarray(t) for t in trained.encode(x))
+    want_x = np.asarray(trained.decode(z))
+    reloaded = load_vae(run / "vae.keras")
     loc, scale = (np.asarray(t) for t in keras.saving.load_model(run / "encoder.keras")(x))
     x_mean = np.asarray(keras.saving.load_model(run / "decoder.keras")(z))
-    want_loc, want_scale = (np.asarray(t) for t in vae.encode(x))
-    for name, got, want in (("encoder loc", loc, want_loc), ("encoder scale", scale, want_scale),
-                            ("decoder x_mean", x_mean, np.asarray(vae.decode(z)))):
+    vae_loc, vae_scale = (np.asarray(t) for t in reloaded.encode(x))
+    for name, got, want in (("vae.keras loc", vae_loc, want_loc),
+                            ("vae.keras scale", vae_scale, want_scale),
+                            ("vae.keras x_mean", np.asarray(reloaded.decode(z)), want_x),
+                            ("encoder.keras loc", loc, want_loc),
+                            ("encoder.keras scale", scale, want_scale),
+                            ("decoder.keras x_mean", x_mean, want_x)):
         diff = float(np.abs(got - want).max())
-        print(f"  {name:15s} reloaded vs trained: max abs diff {diff:.1e}")
+        print(f"  {name:20s} reloaded vs trained (in memory): max abs diff {diff:.1e}")
         if not diff < 1e-4:
-            problems.append(f"{name} differs by {diff:.1e} after reloading")
+            problems.append(f"{name} differs from the trained model by {diff:.1e} after reloading")
     if not (x_mean.min() >= 0 and x_mean.max() <= 1 and (scale > 0).all()):
         problems.append("outputs out of range (x_mean outside [0, 1] or scale <= 0)")
     if importlib.util.find_spec("tensorflow") and importlib.util.find_spec("tf2onnx"):
-        problems += check_onnx(run, x, z, loc, x_mean)
+        problems += check_onnx(run, x, z, want_loc, want_x)
     else:
         print("  export: no TensorFlow here; copy the run folder to a TensorFlow machine and run "
               "export/to_onnx.py / export/to_tflite.py there")
@@ -115,7 +127,7 @@ def check_onnx(run: Path, x, z, loc, x_mean) -> list[str]:
         names = [o.name for o in session.get_outputs()]
         got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: inputs})))[output]
         diff = float(np.abs(got - want).max())
-        print(f"  {half + '.onnx':15s} onnxruntime vs trained: max abs diff {diff:.1e}")
+        print(f"  {half + '.onnx':20s} onnxruntime vs trained (in memory): max abs diff {diff:.1e}")
         if not diff < 1e-4:
             problems.append(f"{half}.onnx differs by {diff:.1e}")
     return problems
@@ -144,20 +156,20 @@ def main() -> None:
     device = gpus[0].device_kind if gpus else f"CPU ({platform.processor() or platform.machine()})"
     print(f"gpu_check: jax {jax.__version__}, keras {keras.__version__}, device {device}")
     out = Path(args.out or tempfile.mkdtemp(prefix="kvae-gpu-check-"))
-    rows = []
+    rows, problems = [], []
     for mixed in (False, True):
-        rows.append(train(out / ("mixed" if mixed else "float32"), args.epochs, args.batch_size, mixed))
+        row, trained = train(out / ("mixed" if mixed else "float32"), args.epochs, args.batch_size, mixed)
+        print(f"check {row['run']}:")  # now, while the trained model is the one in memory
+        problems += check(Path(row["run"]), trained)
+        rows.append(row)
     print(f"\n{'precision':15s} {'samples/s':>10s} {'epoch s':>8s} {'1st epoch s':>12s} {'NLL k=100':>10s}")
     for r in rows:
         print(f"{r['precision']:15s} {r['samples_per_s']:10.0f} {r['epoch_s']:8.3f} "
               f"{r['first_epoch_s']:12.1f} {r['held_out_nll_k100']:10.2f}")
     ratio = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
     print(f"mixed precision / float32: {ratio:.2f}x\n")
-    problems = [f"{r['precision']} NLL is {r['held_out_nll_k100']}" for r in rows
-                if not 0 < r["held_out_nll_k100"] < args.max_nll]
-    for r in rows:
-        print(f"check {r['run']}:")
-        problems += check(Path(r["run"]))
+    problems += [f"{r['precision']} NLL is {r['held_out_nll_k100']}" for r in rows
+                 if not 0 < r["held_out_nll_k100"] < args.max_nll]
     result = {"device": device, "jax": jax.__version__, "keras": keras.__version__,
               "backend": "jax", "runs": rows, "mixed_over_float32": round(ratio, 3),
               "problems": problems, "passed": not problems}

@@ -21,6 +21,7 @@ JAX_PYTHON = Path(os.environ.get("KVAE_JAX_PYTHON") or ROOT / ".venv-jax" / "bin
 # the small run of conftest.trained_run, under JAX
 RUN = ["--latent-dim", "8", "--hidden", "64", "--eval-k", "10", "--lr", "1e-3", "--kl-warmup", "0",
        "--batch-size", "128"]
+EXPORT_TOL = 1e-5  # exported file (onnxruntime / LiteRT) vs the JAX outputs, every output
 
 # Runs in the JAX environment: loads the run's halves and records what they compute.
 PROBE = """
@@ -40,6 +41,23 @@ np.savez(run + "/jax_outputs.npz", x=x, z=z, loc=np.asarray(loc), scale=np.asarr
          x_mean=np.asarray(x_mean))
 assert "tensorflow" not in sys.modules, "kvae imported TensorFlow under the JAX backend"
 print(keras.backend.backend())
+"""
+
+# Runs in the JAX environment: bench/gpu_check.py's check() on a run folder, first against a model
+# loaded from the folder's vae.keras (must pass), then against the same model with changed weights.
+CHECK_AGAINST_CHANGED_MODEL = """
+import importlib.util, json, sys
+from pathlib import Path
+from kvae.model import load_vae
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+run = Path(sys.argv[2])
+model = load_vae(run / "vae.keras")
+assert gpu_check.check(run, model) == [], "the files against a model equal to them"
+for v in model.trainable_variables:
+    v.assign(v + 0.05)
+print(json.dumps(gpu_check.check(run, model)))
 """
 
 
@@ -124,8 +142,10 @@ def test_jax_run_exports_with_parity(jax_run, fmt):
     else:
         decoder = export.LiteRTRunner(target / "decoder.tflite", "serving_default")
         encoder = export.LiteRTRunner(target / "encoder.tflite", "serving_default")
-    np.testing.assert_allclose(decoder("z", ref["z"])["x_mean"], ref["x_mean"], atol=1e-5)
-    np.testing.assert_allclose(encoder("x", ref["x"])["loc"], ref["loc"], atol=1e-4)
+    got = {**encoder("x", ref["x"]), **decoder("z", ref["z"])}
+    diffs = {name: float(np.abs(got[name] - ref[name]).max()) for name in ("loc", "scale", "x_mean")}
+    print(f"{fmt} export vs JAX: max abs diff " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    assert all(d <= EXPORT_TOL for d in diffs.values()), (fmt, diffs)
 
 
 def test_jax_resume_matches_an_uninterrupted_run(tmp_path):
@@ -169,6 +189,14 @@ def test_gpu_check_script_runs_and_checks(tmp_path):
     assert [r["precision"] for r in report["runs"]] == ["float32", "mixed_float16"]
     assert all(r["samples_per_s"] > 0 for r in report["runs"])
     assert "reloaded vs trained" in result.stdout and result.stdout.rstrip().splitlines()[-1].startswith("PASS")
+    # the check compares the files with the model it is given, the trained one: a model that
+    # differs from the saved files (as a save of the wrong weights would) is a problem per output
+    probe = jax("-c", CHECK_AGAINST_CHANGED_MODEL, str(ROOT / "bench" / "gpu_check.py"),
+                str(tmp_path / "runs" / "float32"))
+    problems = json.loads(probe.stdout.strip().splitlines()[-1])
+    for output in ("vae.keras loc", "vae.keras scale", "vae.keras x_mean", "encoder.keras loc",
+                   "encoder.keras scale", "decoder.keras x_mean"):
+        assert any(p.startswith(output + " differs") for p in problems), (output, problems)
     # a check that finds a problem fails: an NLL bound no run can meet
     bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "1",
                           "--max-nll", "1", "--results", str(tmp_path / "bad")], env=env,
