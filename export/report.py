@@ -46,7 +46,7 @@ def table(manifest: dict) -> str:
     files = manifest["files"]
     fp32_size = {(e["half"], e["format"]): e["size"] for e in files.values() if e["precision"] == "fp32"}
     rows = ["| file | precision | size | vs fp32 | max abs diff vs Keras | mean abs diff | "
-            "held-out NLL change (nats) |",
+            "validation NLL change (nats) |",
             "| --- | --- | ---: | ---: | --- | --- | ---: |"]
     nll = None
     for name, e in sorted(files.items(), key=lambda kv: (ORDER[kv[1]["half"]], ORDER[kv[1]["format"]],
@@ -66,7 +66,7 @@ def table(manifest: dict) -> str:
     notes = [f"latent_dim {manifest['latent_dim']}, images {shape}, {manifest['likelihood']} "
              f"likelihood, kvae {manifest['kvae_version']}."]
     if nll:
-        notes.append(f"NLL change: held-out IWAE NLL (n={nll['n']}, k={nll['k']}) with the variant "
+        notes.append(f"NLL change: validation IWAE NLL (n={nll['n']}, k={nll['k']}) with the variant "
                      f"minus float32 Keras ({nll['fp32']:.2f} nats), paired eps; ± is its standard "
                      "error. Encoder rows: the variant's posterior as the proposal, float32 decoder.")
     parity = {e["half"]: e["parity"]["inputs"] for e in files.values()}

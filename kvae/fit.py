@@ -125,7 +125,7 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     out = Path(config.out) if chief else Path(tempfile.mkdtemp(prefix="kvae-worker-"))
 
     print(f"kvae.fit: {config.dataset}: {len(dataset.x_train)} train / {len(dataset.x_val)} "
-          f"held-out images of shape {dataset.image_shape}; binarize={binarize}")
+          f"validation images of shape {dataset.image_shape}; binarize={binarize}")
     print("kvae.fit: config " + json.dumps(config.to_dict()))
     gpus = accelerators()
     print(f"kvae.fit: Keras backend {backend}; device {'GPU: ' + ', '.join(gpus) if gpus else 'CPU'}; "

@@ -89,9 +89,9 @@ def traversals(decode, latent_dim: int, path: str | Path, dims: int = 8, steps: 
 
 
 def latent_scatter(loc: np.ndarray, labels, path: str | Path) -> Path:
-    """Encoded held-out points coloured by label: the codes themselves if 2-D, else their PCA."""
+    """Encoded validation points coloured by label: the codes themselves if 2-D, else their PCA."""
     plt = _figure()
-    title = "Q(z|X) means of held-out images"
+    title = "Q(z|X) means of validation images"
     points = loc
     if loc.shape[1] > 2:
         centered = loc - loc.mean(0)
