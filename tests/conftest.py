@@ -40,17 +40,17 @@ def trained_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def exported_run(trained_run):
-    """Returns export(arch="conv") -> run folder with every file exported into RUN/export.
+    """Returns export(arch="conv", **overrides) -> run folder with every file exported into RUN/export.
 
     Exports once per run: whichever test file asks first exports, the others reuse the files.
     """
 
-    def export_all(arch: str = "conv") -> Path:
+    def export_all(arch: str = "conv", **overrides) -> Path:
         import json
 
         from kvae import export
 
-        run = trained_run(arch)
+        run = trained_run(arch, **overrides)
         manifest = run / "export" / "manifest.json"
         for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
             names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
@@ -60,3 +60,32 @@ def exported_run(trained_run):
         return run
 
     return export_all
+
+
+@pytest.fixture(scope="session")
+def direct():
+    """Returns direct(path, signature=None, xnnpack=True) -> call(**inputs) -> outputs by name.
+
+    The model file run by its own runtime (onnxruntime, or one LiteRT signature runner), with none
+    of kvae.runtime's code: the oracle that the runtime's planning, padding and chunking must
+    reproduce.
+    """
+    import numpy as np
+
+    def open_file(path, signature: str | None = None, xnnpack: bool = True):
+        path = Path(path)
+        if path.suffix == ".onnx":
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            return lambda **inputs: dict(zip(names, session.run(names, inputs)))
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+        resolver = (OpResolverType.AUTO if xnnpack
+                    else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
+        runner = interpreter.get_signature_runner(signature or "serving_default")
+        return lambda **inputs: {k: np.array(v) for k, v in runner(**inputs).items()}
+
+    return open_file

@@ -1,7 +1,9 @@
 """The TensorFlow-free runtime (kvae.runtime, kvae.sample, kvae.encode) on exported files.
 
 One trained run (conftest's `trained_run("conv")`) is exported once per session with the export
-scripts; every test reads those files.
+scripts' library; most tests read those files. The bounds tests also export it with `--fixed-batch
+1 64` and forced static int8, and build fixed-batch-only TFLite files; an RGB 16x12 Gaussian run
+on a mock .npz covers other image shapes and the Gaussian log-likelihood.
 """
 
 from __future__ import annotations
@@ -148,20 +150,6 @@ def test_encoder_matches_keras(run, keras_halves, images, fmt, batch):
     assert np.abs(scale - expected_scale).max() <= PARITY
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_quantized_decoders_run(run, keras_halves, fmt, precision):
-    """fp16 / int8 files open through the same API and stay within the exporter's own bounds."""
-    from kvae.export import TOLERANCE
-
-    vae = VAE.from_folder(run, format=fmt, precision=precision)
-    assert vae.decoder.path.name == f"decoder.{precision}.{fmt}"
-    assert vae.decoder.info["precision"] == precision
-    z = np.random.default_rng(2).standard_normal((64, 8), dtype=np.float32)
-    diff = np.abs(vae.decode(z) - np.asarray(keras_halves[1](z))).max()
-    assert diff <= TOLERANCE[precision]["x_mean"], diff
-
-
 def test_metadata_from_the_manifest(run):
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     decoder = Decoder(run)
@@ -266,6 +254,341 @@ def test_tflite_without_xnnpack_and_with_threads(run):
     plain = Decoder(run / "export" / "decoder.tflite", xnnpack=False, threads=1).decode(z)
     fast = Decoder(run / "export" / "decoder.tflite", threads=2).decode(z)
     assert np.abs(plain - fast).max() <= PARITY
+
+
+# --------------------------------------------------------------------------- the runtime's own bounds
+#
+# Two checks per exported file and signature. (1) The runtime adds no arithmetic: it picks the
+# signature for each chunk of rows, pads, slices and concatenates, so it must give what the file
+# gives when that signature is fed the same rows directly (conftest's `direct`: no kvae code).
+# (2) Against Keras, bounds per precision derived from what the precision can do, not from this
+# machine's numbers (int8 kernels differ between CPUs with and without AVX-512 VNNI): tight on the
+# average and on the NLL, honest on the worst value.
+
+SAME_FILE = 1e-6  # same signature, same rows: only the runtime's slicing and casts in between
+# Max abs diff vs Keras; for fp16 and int8 times max(1, max |Keras output|) (their error is relative):
+MAX_DIFF = {
+    "fp32": 1e-5,  # the export contract: float32 kernels only reorder sums (TOOLCHAIN.md: <= 6e-6)
+    "fp16": 1e-3,  # two float16 half-ulps (2 * 2^-11) of the output: float16 weights, float32
+                   # arithmetic (x86; XNNPACK may compute in float16 on ARM64 CPUs with FP16: unmeasured)
+    "int8": 0.25,  # a logit off by 1 (a few activation steps) moves a probability by up to 1/4 (the
+                   # sigmoid's slope); full int8 reached 0.14 on the quickstart decoder (TOOLCHAIN.md)
+}
+# Mean abs diff, same scale: where a quantized file must be tight.
+MEAN_DIFF = {
+    "fp32": 1e-6,  # float32 rounding is ~1e-7 per value
+    "fp16": 2.5e-4,  # half of 2^-11: independent roundings of the weights cancel on average
+    "int8": 0.01,  # under 3 steps of int8's 1/256 output grid; a row-shifted output is at 0.04
+}
+# |Mean paired change| of the runtime's held-out log P(X) (nats per image) when the file replaces
+# its Keras half (same images, same eps, the other half Keras): pixel errors of random sign add up
+# like sqrt(784) = 28 of them, each weighted by |d log p / dp| ~ 2, so ~56 * MEAN_DIFF.
+NLL_DIFF = {
+    "fp32": 1e-4,  # 56 * 1e-6
+    "fp16": 0.02,  # 56 * 2.5e-4 = 0.014
+    "int8": 0.5,  # 56 * 0.01 = 0.56; the quickstart's int8 files moved it by at most 0.26 (README)
+}
+PRECISIONS = ["fp32", "fp16", "int8"]
+HALVES = ["encoder", "decoder"]
+OUTPUT_NAMES = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
+INPUT_NAME = {"encoder": "x", "decoder": "z"}
+# The signatures of each export layout (None: ONNX's one dynamic-batch graph). `tflite` is the
+# default (`serving_default` + `batch1`), `mixed` is `--fixed-batch 1 64` (what the README measures)
+# with full-integer int8, `onnx-static` the static QDQ int8 (int8 "best" may pick either on
+# another CPU, so both are held to the bounds).
+SIGNATURES = {"onnx": [None], "tflite": ["serving_default", "batch1"],
+              "mixed": ["serving_default", "batch1", "batch64"], "onnx-static": [None]}
+LAYOUT_FILES = [("onnx", "onnx", p) for p in PRECISIONS] + [("tflite", "tflite", p) for p in PRECISIONS] + [
+    ("mixed", "tflite", p) for p in PRECISIONS] + [("onnx-static", "onnx", "int8")]
+
+
+@pytest.fixture(scope="session")
+def layouts(run, tmp_path_factory) -> dict[str, Path]:
+    """Export folders by layout (see SIGNATURES): RUN/export, plus `mixed` and `onnx-static`."""
+    from kvae import export
+
+    loaded = export.load_run(run)
+    mixed = tmp_path_factory.mktemp("mixed")
+    export.export_tflite(loaded, out=mixed, fixed_batches=(1, 64), int8="static")
+    static = tmp_path_factory.mktemp("onnx-static")
+    export.export_onnx(loaded, out=static, quantize=("int8",), int8="static")
+    return {"onnx": run / "export", "tflite": run / "export", "mixed": mixed, "onnx-static": static}
+
+
+@pytest.fixture(scope="session")
+def fixed_only(keras_halves, tmp_path_factory) -> Path:
+    """encoder.tflite and decoder.tflite without a dynamic batch anywhere: `serving_default` fixed at
+    batch 8 plus `batch2` (the exporter's SavedModel -> TFLiteConverter path, fixed shapes), no
+    manifest and no metadata (the runtime reads the shapes). Also `<half>.batch2-only.tflite`:
+    only `batch2`, no `serving_default`."""
+    import keras
+    import tensorflow as tf
+
+    folder = tmp_path_factory.mktemp("fixed-only")
+    for half, model in zip(HALVES, keras_halves):
+        shape = tuple(model.inputs[0].shape[1:])
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        for key, batch in (("serving_default", 8), ("batch2", 2)):
+            if half == "encoder":
+                def fn(x):
+                    loc, scale = model(x, training=False)
+                    return {"loc": loc, "scale": scale}
+            else:
+                def fn(z):
+                    return {"x_mean": model(z, training=False)}
+            archive.add_endpoint(key, fn, input_signature=[
+                tf.TensorSpec((batch, *shape), tf.float32, name=INPUT_NAME[half])])
+        archive.write_out(str(folder / f"{half}-savedmodel"), verbose=False)
+        for name, keys in ((f"{half}.tflite", ["serving_default", "batch2"]),
+                           (f"{half}.batch2-only.tflite", ["batch2"])):
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(folder / f"{half}-savedmodel"),
+                                                                 signature_keys=keys)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            (folder / name).write_bytes(converter.convert())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference(keras_halves):
+    """Inputs and Keras outputs per half: 128 binarized held-out digits (as kvae.evaluate sees them);
+    64 z ~ N(0, I) and 64 z ~ Q(z|X) of held-out digits (the exporter's kind of parity inputs)."""
+    from kvae.data import binarize_fixed, load
+
+    encoder, decoder = keras_halves
+    x = binarize_fixed(load("mnist-5k").x_val[:128], "dynamic")
+    loc, scale = (np.asarray(t) for t in encoder(x[:64]))
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.standard_normal(loc.shape),
+                        loc + scale * rng.standard_normal(loc.shape)]).astype(np.float32)
+    return {"encoder": (x, keras_outputs(keras_halves, "encoder", x)),
+            "decoder": (z, keras_outputs(keras_halves, "decoder", z))}
+
+
+def keras_outputs(keras_halves, half: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    out = keras_halves[HALVES.index(half)](inputs, training=False)
+    out = out if isinstance(out, (list, tuple)) else [out]
+    return {name: np.asarray(value, np.float64) for name, value in zip(OUTPUT_NAMES[half], out)}
+
+
+def open_half(folder: Path, half: str, fmt: str, precision: str, **options):
+    return (Encoder if half == "encoder" else Decoder)(folder / f"{filename(half, precision)}.{fmt}",
+                                                       **options)
+
+
+def spy(opened) -> list[tuple[int | None, int]]:
+    """Records (signature batch, rows fed) of every call the runtime makes into the file."""
+    calls, call = [], opened.session._call
+
+    def recording(feeds, key):
+        calls.append((key, len(next(iter(feeds.values())))))
+        return call(feeds, key)
+
+    opened.session._call = recording
+    return calls
+
+
+def signature_of(fmt: str, key: int | None, serving_batch: int | None = None) -> str | None:
+    """The runtime's key for a signature (its batch; None: dynamic) -> the signature's name."""
+    if fmt == "onnx":
+        return None
+    return "serving_default" if key == serving_batch else f"batch{key}"
+
+
+def through_runtime(opened, half: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    if half == "encoder":
+        return dict(zip(OUTPUT_NAMES[half], opened.encode(inputs)))
+    return {"x_mean": opened.decode(inputs)}
+
+
+def through_file(fn, half: str, inputs: np.ndarray, calls: list[tuple[int, int, int | None]]):
+    """Feeds the file directly, chunk by chunk: calls are (start, stop, signature batch); a chunk
+    shorter than a fixed batch is padded with zero rows, as the runtime documents."""
+    parts = []
+    for start, stop, batch in calls:
+        rows = inputs[start:stop]
+        if batch is not None and len(rows) < batch:
+            rows = np.concatenate([rows, np.zeros((batch - len(rows), *rows.shape[1:]), rows.dtype)])
+        out = fn(**{INPUT_NAME[half]: np.ascontiguousarray(rows, np.float32)})
+        parts.append({name: out[name][:stop - start] for name in OUTPUT_NAMES[half]})
+    return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES[half]}
+
+
+def assert_same_file(actual: dict, expected: dict, where: str) -> None:
+    for name in expected:
+        assert actual[name].shape == expected[name].shape, (name, where)
+        diff = float(np.abs(actual[name].astype(np.float64) - expected[name]).max())
+        assert diff <= SAME_FILE, f"{where}: {name} differs from the file fed directly by {diff:.3g}"
+
+
+def assert_near_keras(actual: dict, expected: dict, precision: str, where: str) -> None:
+    """MAX_DIFF and MEAN_DIFF of each output against Keras (fp16/int8 relative to its size)."""
+    for name in expected:
+        size = 1.0 if precision == "fp32" else max(1.0, float(np.abs(expected[name]).max()))
+        diff = np.abs(actual[name].astype(np.float64) - expected[name])
+        assert np.all(np.isfinite(actual[name])), (name, where)
+        assert diff.max() <= MAX_DIFF[precision] * size, (
+            f"{where}: {name} max abs diff {diff.max():.3g} > {MAX_DIFF[precision] * size:.3g}")
+        assert diff.mean() <= MEAN_DIFF[precision] * size, (
+            f"{where}: {name} mean abs diff {diff.mean():.3g} > {MEAN_DIFF[precision] * size:.3g}")
+
+
+def signature_cases():
+    for layout, fmt, precision in LAYOUT_FILES:
+        for signature in SIGNATURES[layout]:
+            for xnnpack in ([True] if fmt == "onnx" else [True, False]):
+                for half in HALVES:
+                    ident = f"{layout}-{precision}-{half}-{signature or 'onnx'}" + ("" if xnnpack else "-ref")
+                    yield pytest.param(layout, fmt, precision, half, signature, xnnpack, id=ident)
+
+
+@pytest.mark.parametrize("layout, fmt, precision, half, signature, xnnpack", list(signature_cases()))
+def test_every_signature_is_the_file_and_near_keras(layouts, direct, reference, layout, fmt, precision,
+                                                     half, signature, xnnpack):
+    """Each signature the runtime uses, fed by the runtime: (1) what the file gives directly, (2)
+    within the precision's bounds of Keras, with XNNPACK and with LiteRT's reference kernels."""
+    inputs, expected = reference[half]
+    n = len(inputs)  # 128: not a fixed batch, so only `serving_default` (or ONNX) takes it whole
+    opened = open_half(layouts[layout], half, fmt, precision, xnnpack=xnnpack,
+                       prefer_fixed=signature != "serving_default")
+    assert opened.info["precision"] == precision
+    calls = spy(opened)
+    # how the rows go in: whole for a dynamic signature, 63 at a time (< 64) for batch1, 64 for batch64
+    step = {None: n, "serving_default": n, "batch1": 63, "batch64": 64}[signature]
+    parts = [through_runtime(opened, half, inputs[i:i + step]) for i in range(0, n, step)]
+    actual = {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES[half]}
+    used = {signature_of(fmt, key) for key, _ in calls}
+    assert used == {signature}, f"the runtime fed {sorted(map(str, used))}, expected {signature}"
+    fixed = None if signature in (None, "serving_default") else int(signature[len("batch"):])
+    chunk = fixed or n
+    fn = direct(opened.path, signature, xnnpack)
+    assert_same_file(actual, through_file(fn, half, inputs, [(i, min(i + chunk, n), fixed)
+                                                             for i in range(0, n, chunk)]), opened.path.name)
+    assert_near_keras(actual, expected, precision, f"{opened.path.name} {signature or 'onnx'}")
+
+
+def plan_cases():
+    """Odd batches through the runtime's planning: (layout, half, rows, options, expected calls as
+    (signature, start, stop)); written out by hand from the docs, not from kvae.runtime.plan."""
+    dynamic = lambda n, step, sig: [(sig, i, min(i + step, n)) for i in range(0, n, step)]  # noqa: E731
+    row_by_row = lambda a, b: [("batch1", i, i + 1) for i in range(a, b)]  # noqa: E731
+    cases = [
+        ("onnx", "decoder", 300, dict(max_batch=128), dynamic(300, 128, None)),
+        ("onnx", "encoder", 300, dict(max_batch=128), dynamic(300, 128, None)),
+        ("tflite", "decoder", 5, {}, row_by_row(0, 5)),  # the decoder: batch1 row by row (XNNPACK)
+        ("tflite", "decoder", 5, dict(xnnpack=False), dynamic(5, 5, "serving_default")),
+        ("tflite", "encoder", 5, {}, dynamic(5, 5, "serving_default")),  # the encoder: dynamic
+        ("tflite", "encoder", 1, {}, row_by_row(0, 1)),  # exactly N rows: always batch<N>
+        ("mixed", "decoder", 67, {}, [("batch64", 0, 64), *row_by_row(64, 67)]),
+        ("mixed", "decoder", 300, dict(prefer_fixed=False, max_batch=128),
+         dynamic(300, 128, "serving_default")),
+        ("mixed", "encoder", 64, {}, [("batch64", 0, 64)]),
+        ("mixed", "encoder", 65, {}, dynamic(65, 65, "serving_default")),
+    ]
+    for layout, half, n, options, calls in cases:
+        for precision in PRECISIONS:
+            yield pytest.param(layout, half, n, options, calls, precision,
+                               id=f"{layout}-{half}-{n}-{precision}-{'-'.join(map(str, options.values()))}")
+    # no dynamic batch: largest fixed batch first, the last row padded to batch2
+    calls = [("serving_default", 0, 8), ("serving_default", 8, 16), ("batch2", 16, 18), ("batch2", 18, 19)]
+    for half in HALVES:
+        yield pytest.param("fixed-only", half, 19, {}, calls, "fp32", id=f"fixed-only-{half}-19")
+
+
+@pytest.fixture(scope="session")
+def odd_inputs():
+    """300 binarized held-out digits and 300 z ~ N(0, I)."""
+    from kvae.data import binarize_fixed, load
+
+    x = binarize_fixed(load("mnist-5k").x_val[:300], "dynamic")
+    return {"encoder": x, "decoder": np.random.default_rng(4).standard_normal((300, 8), dtype=np.float32)}
+
+
+@pytest.mark.parametrize("layout, half, n, options, expected, precision", list(plan_cases()))
+def test_chunks_and_padding_are_the_file(layouts, fixed_only, direct, keras_halves, odd_inputs, layout,
+                                         half, n, options, expected, precision):
+    """Odd batches: the runtime splits them into the documented calls (fixed-batch fast paths,
+    chunks of max_batch, a padded last chunk) and gives exactly what those calls give."""
+    folder = fixed_only if layout == "fixed-only" else layouts[layout]
+    fmt = "onnx" if layout.startswith("onnx") else "tflite"
+    opened = open_half(folder, half, fmt, precision, **options)
+    serving_batch = 8 if layout == "fixed-only" else None
+    calls = spy(opened)
+    inputs = odd_inputs[half][:n]
+    actual = through_runtime(opened, half, inputs)
+    batch = {None: None, "serving_default": serving_batch}
+    wanted = [(sig, batch[sig] if sig in batch else int(sig[len("batch"):])) for sig, _, _ in expected]
+    fed = [(signature_of(fmt, key, serving_batch), rows) for key, rows in calls]
+    assert fed == [(sig, b or stop - start) for (sig, b), (_, start, stop) in zip(wanted, expected)]
+    files = {sig: direct(opened.path, sig, options.get("xnnpack", True)) for sig, _, _ in expected}
+    parts = [through_file(files[sig], half, inputs, [(start, stop, b)])
+             for (sig, start, stop), (_, b) in zip(expected, wanted)]
+    assert_same_file(actual, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, opened.path.name)
+    assert_near_keras(actual, keras_outputs(keras_halves, half, inputs), precision, opened.path.name)
+
+
+def test_fixed_only_file_is_read_from_its_shapes(fixed_only):
+    decoder = Decoder(fixed_only / "decoder.tflite")
+    assert sorted(decoder.session.batches) == [2, 8] and decoder.session.fixed_batch == 2
+    assert decoder.info["source"] == "model shapes" and decoder.latent_dim == 8
+    assert Encoder(fixed_only / "encoder.tflite").image_shape == (28, 28, 1)
+    assert decoder.decode(np.zeros((0, 8))).shape == (0, 28, 28, 1)
+
+
+@pytest.mark.parametrize("half", HALVES)
+def test_a_file_without_serving_default_is_refused(fixed_only, half):
+    """Only `batch2`: the runtime says which signatures it found (it needs `serving_default`)."""
+    cls = Encoder if half == "encoder" else Decoder
+    with pytest.raises(RuntimeInputError, match=r"no 'serving_default' signature \(found: batch2\)") as error:
+        cls(fixed_only / f"{half}.batch2-only.tflite")
+    one_line(error)
+
+
+class KerasSession:
+    """Stands in for a runtime session with the Keras half: the reference for NLL_DIFF."""
+
+    def __init__(self, model, half: str):
+        self.model, self.half = model, half
+
+    def run(self, **feeds):
+        (value,) = feeds.values()
+        out = self.model(value, training=False)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return {name: np.asarray(v, np.float32) for name, v in zip(OUTPUT_NAMES[self.half], out)}
+
+
+@pytest.fixture(scope="session")
+def nll_reference(run, keras_halves):
+    """100 binarized held-out digits and the runtime's log P(X) (k=20, seed 3) with both halves Keras."""
+    from kvae.data import binarize_fixed, load
+
+    x = binarize_fixed(load("mnist-5k").x_val[:100], "dynamic")
+    vae = VAE.from_folder(run)
+    vae.encoder.session = KerasSession(keras_halves[0], "encoder")
+    vae.decoder.session = KerasSession(keras_halves[1], "decoder")
+    return x, vae.log_likelihood(x, k=20, seed=3)
+
+
+@pytest.mark.parametrize("layout, fmt, precision", LAYOUT_FILES)
+@pytest.mark.parametrize("half", HALVES)
+def test_nll_change_within_precision_bound(run, layouts, keras_halves, nll_reference, layout, fmt,
+                                           precision, half):
+    """The NLL-relevant error: the file in place of its Keras half moves the runtime's held-out
+    log P(X) (paired: same images, same eps) by at most NLL_DIFF nats per image on average."""
+    x, expected = nll_reference
+    folder = layouts[layout]
+    other = "decoder" if half == "encoder" else "encoder"
+    paths = {half: folder / f"{filename(half, precision)}.{fmt}", other: run / "export" / f"{other}.onnx"}
+    vae = VAE(paths["encoder"], paths["decoder"])
+    getattr(vae, other).session = KerasSession(keras_halves[HALVES.index(other)], other)  # Keras
+    change = vae.log_likelihood(x, k=20, seed=3) - expected
+    assert np.all(np.isfinite(change))
+    assert abs(change.mean()) <= NLL_DIFF[precision], (
+        f"{layout} {half} {precision}: log P(X) moved by {change.mean():+.4f} nats per image")
+
+
+def filename(half: str, precision: str) -> str:
+    return half if precision == "fp32" else f"{half}.{precision}"
 
 
 # --------------------------------------------------------------------------- sampling
@@ -531,3 +854,138 @@ def test_cli_errors_are_one_line(run, blocker, tmp_path, args, match):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert match in result.stderr
+
+
+# --------------------------------------------------------------------------- RGB, not 28x28, Gaussian
+
+RGB_SHAPE = (16, 12, 3)  # H != W: a swapped height and width cannot pass
+
+
+@pytest.fixture(scope="session")
+def rgb_data(tmp_path_factory) -> Path:
+    """A cifar10-shaped mock: 600 smooth 16x12 RGB images (a colour per corner, blended, plus noise)
+    as uint8 in an .npz."""
+    rng = np.random.default_rng(0)
+    h, w, _ = RGB_SHAPE
+    corners = rng.random((600, 4, 1, 1, 3))
+    u, v = np.linspace(0, 1, h)[:, None, None], np.linspace(0, 1, w)[None, :, None]
+    images = (corners[:, 0] * (1 - u) * (1 - v) + corners[:, 1] * u * (1 - v) +
+              corners[:, 2] * (1 - u) * v + corners[:, 3] * u * v)
+    images = np.clip(images + 0.05 * rng.standard_normal(images.shape), 0, 1)
+    path = tmp_path_factory.mktemp("rgb-data") / "rgb.npz"
+    np.savez(path, x=(images * 255).round().astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="session")
+def rgb_run(exported_run, rgb_data) -> Path:
+    """A conv run on rgb_data with the Gaussian likelihood (sigma 0.1), exported in both formats."""
+    # batch 32 and lr 5e-3: about 50 steps, enough for a decoder whose images differ
+    return exported_run("conv", dataset=str(rgb_data), likelihood="gaussian", val_size=100,
+                        epochs=3, batch_size=32, lr=5e-3)
+
+
+@pytest.fixture(scope="session")
+def rgb_held_out(rgb_run, rgb_data):
+    """The run's held-out images (uint8) and its Keras halves."""
+    import keras
+
+    from kvae.data import load
+
+    halves = tuple(keras.saving.load_model(rgb_run / f"{half}.keras", safe_mode=True) for half in HALVES)
+    return load(str(rgb_data), val_size=100).x_val, halves
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rgb_run_through_export_and_runtime(rgb_run, rgb_held_out, fmt):
+    """sample, encode, decode, reconstruct and log_likelihood on 16x12x3 images, parity with Keras."""
+    pixels, (keras_encoder, keras_decoder) = rgb_held_out
+    vae = VAE.from_folder(rgb_run, format=fmt)
+    assert (vae.encoder.format, vae.decoder.format) == (fmt, fmt)
+    assert vae.image_shape == RGB_SHAPE and vae.latent_dim == 8
+    assert (vae.likelihood, vae.sigma) == ("gaussian", 0.1)
+    samples = vae.sample(5, seed=0)
+    assert samples.shape == (5, *RGB_SHAPE) and samples.dtype == np.float32
+    assert 0 <= samples.min() and samples.max() <= 1 and samples.std(0).mean() > 1e-3  # not one image
+    x = pixels[:64].astype(np.float32) / 255
+    loc, scale = vae.encode(pixels[:64])  # uint8 as read from files
+    expected = keras_outputs((keras_encoder, keras_decoder), "encoder", x)
+    assert_near_keras({"loc": loc, "scale": scale}, expected, "fp32", f"encoder.{fmt}")
+    assert loc.shape == (64, 8) and np.all(scale > 0)
+    x_mean = vae.decode(loc)
+    assert x_mean.shape == (64, *RGB_SHAPE)
+    assert_near_keras({"x_mean": x_mean}, keras_outputs((keras_encoder, keras_decoder), "decoder", loc),
+                      "fp32", f"decoder.{fmt}")
+    np.testing.assert_array_equal(vae.reconstruct(x[:3]), x_mean[:3])
+    single_loc, _ = vae.encode(x[0])
+    assert single_loc.shape == (8,) and vae.decode(single_loc).shape == RGB_SHAPE
+    log_px = vae.log_likelihood(x[:4], k=5)
+    assert log_px.shape == (4,) and np.all(np.isfinite(log_px))
+    with pytest.raises(RuntimeInputError, match=r"shape \(batch, 16, 12, 3\)") as error:
+        vae.encode(np.zeros((2, 12, 16, 3)))  # height and width swapped
+    one_line(error)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_rgb_quantized_files_within_bounds(rgb_run, rgb_held_out, fmt, precision):
+    pixels, halves = rgb_held_out
+    x = pixels[:64].astype(np.float32) / 255
+    vae = VAE.from_folder(rgb_run, format=fmt, precision=precision, encoder_precision=precision)
+    loc, scale = vae.encode(x)
+    assert_near_keras({"loc": loc, "scale": scale}, keras_outputs(halves, "encoder", x), precision,
+                      vae.encoder.path.name)
+    z = np.random.default_rng(1).standard_normal((64, 8), dtype=np.float32)
+    assert_near_keras({"x_mean": vae.decode(z)}, keras_outputs(halves, "decoder", z), precision,
+                      vae.decoder.path.name)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gaussian_log_likelihood_matches_kvae_evaluate(rgb_run, rgb_held_out, fmt):
+    """The runtime's Gaussian branch of log P(X) and kvae.evaluate's IWAE estimator (Keras, its own
+    eps) estimate the same numbers on the same held-out images: within a few paired standard errors."""
+    from kvae.evaluate import iwae_nll
+    from kvae.model import load_vae
+
+    pixels, _ = rgb_held_out
+    x = pixels[:100].astype(np.float32) / 255  # binarize "none" for a Gaussian run: pixels / 255
+    expected = iwae_nll(load_vae(rgb_run / "vae.keras"), x, k=100)["nll"]
+    log_px = VAE.from_folder(rgb_run, format=fmt).log_likelihood(x, k=100, seed=1)
+    diff = -log_px - expected
+    se = diff.std(ddof=1) / math.sqrt(len(x))
+    assert abs(diff.mean()) < 4 * se + 1e-3, (diff.mean(), se)
+
+
+def test_log_px_closed_forms():
+    """The per-pixel log-likelihoods against their densities written out (no shared code)."""
+    from kvae.runtime import _log_px
+
+    rng = np.random.default_rng(0)
+    x, mean, sigma = rng.random((1, 3, 20)), rng.random((4, 3, 20)), 0.3
+    density = np.exp(-0.5 * ((x - mean) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    np.testing.assert_allclose(_log_px(x, mean, "gaussian", sigma), np.log(density).sum(-1), rtol=1e-12)
+    binary = (x > 0.5).astype(np.float64)
+    mass = np.where(binary == 1, mean, 1 - mean)
+    np.testing.assert_allclose(_log_px(binary, mean, "bernoulli", None), np.log(mass).sum(-1), rtol=1e-12)
+
+
+def test_rgb_command_lines_without_tensorflow(rgb_run, rgb_held_out, blocker, tmp_path):
+    """kvae.encode reads RGB image files; kvae.sample writes an RGB grid."""
+    from PIL import Image
+
+    pixels, _ = rgb_held_out
+    for i in range(3):
+        Image.fromarray(pixels[i]).save(tmp_path / f"{i}.png")
+    result = run_without_tensorflow(blocker, ["-m", "kvae.encode", str(rgb_run), *(str(tmp_path / f"{i}.png")
+                                                                                 for i in range(3)),
+                                              "--out", str(tmp_path / "codes.npy")])
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "codes.npy"), Encoder(rgb_run).encode(pixels[:3])[0],
+                               atol=1e-6)
+    result = run_without_tensorflow(blocker, ["-m", "kvae.sample", str(rgb_run), "--n", "4", "--seed", "0",
+                                              "--out", str(tmp_path / "grid.png")])
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.mode == "RGB"
+        colours = np.asarray(im)
+    assert np.any(colours[..., 0] != colours[..., 1])  # not grey: the channels came through
