@@ -23,7 +23,7 @@ How each file is made:
   quantization, both with uint8 weights and activations (INT8_TYPES says why).
 - int8 `best` (the default) builds both methods and keeps the one whose NLL change is lower on
   training images that calibration did not use; the manifest's nll_delta is then measured on
-  held-out images. Full integer is the faster one but quantizes the decoder's sigmoid output to
+  validation images. Full integer is the faster one but quantizes the decoder's sigmoid output to
   steps of 1/256; the dynamic-range TFLite decoder is slow through the dynamic-batch
   `serving_default` (hybrid Conv2DTranspose), so kvae.runtime feeds it through the fixed-batch
   signatures. Sizes, NLL changes and latencies: bench/results/latency.json (bench/latency.py).
@@ -38,11 +38,11 @@ signature to its batch.
 
 Self-check (before a file gets its final name): the file is written under a temporary name,
 loaded in its runtime (ai_edge_litert Interpreter / onnxruntime; ONNX also through
-`onnx.checker.check_model(full_check=True)`), run at batch 1 and 64 on held-out images of the
+`onnx.checker.check_model(full_check=True)`), run at batch 1 and 64 on validation images of the
 run's dataset and on z from the prior and the posterior, and compared with Keras. A non-finite
 output or a difference above TOLERANCE raises KVAEError with the measured number; the temporary
 file is removed and nothing stays under the final name. Quantized files also get `nll_delta`:
-the change in held-out IWAE NLL (nats, NLL_N images, NLL_K samples each) against float32 Keras
+the change in validation IWAE NLL (nats, NLL_N images, NLL_K samples each) against float32 Keras
 with paired samples: the same images, the same eps, and for a decoder the float32 encoder's
 posterior (for an encoder: its posterior as the proposal, with the float32 decoder). Choose a
 variant by that, not by max abs diff. NLL_N = 200 and NLL_K = 50 keep each script under a minute
@@ -97,8 +97,8 @@ TOLERANCE = {
 MEAN_TOLERANCE = {"int8": {"loc": 0.1, "scale": 0.1, "x_mean": 0.05},
                   "fp16": {"loc": 1e-3, "scale": 1e-3, "x_mean": 1e-3}}
 
-PARITY_N = 64  # held-out images (and z) compared with Keras, at batch 64 and one by one
-NLL_N = 200  # held-out images for nll_delta
+PARITY_N = 64  # validation images (and z) compared with Keras, at batch 64 and one by one
+NLL_N = 200  # validation images for nll_delta
 NLL_K = 50  # importance samples per image for nll_delta
 CALIBRATION_N = 200  # training images (and z) for int8 calibration
 NLL_SEED = 0  # seeds the checks' z (NLL_SEED) and nll_delta's eps (NLL_SEED + 1), shared by all variants
@@ -181,9 +181,9 @@ class Run:
     def parity_description(self, half: str) -> str:
         n = len(self.x_parity)
         if half == "encoder":
-            return (f"{n} held-out {self.dataset} images ({self.preprocessing_short()}), "
+            return (f"{n} validation {self.dataset} images ({self.preprocessing_short()}), "
                     f"at batch {n} and batch 1")
-        return (f"{n} z ~ N(0, I) and {n} z ~ Q(z|X) of held-out {self.dataset} images, "
+        return (f"{n} z ~ N(0, I) and {n} z ~ Q(z|X) of validation {self.dataset} images, "
                 f"at batch {n} and batch 1")
 
     def preprocessing_short(self) -> str:
@@ -363,7 +363,7 @@ def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None
         raise KVAEError(f"NLL with the exported {what} is not finite")
     other = "loc, scale from the float32 Keras encoder" if what == "decoder" else (
         "this encoder's loc, scale as the proposal, the float32 Keras decoder")
-    source = (f"held-out {run.dataset} images" if images == "held_out" else
+    source = (f"validation {run.dataset} images" if images == "held_out" else
               f"{run.dataset} training images not used for calibration")
     seed = NLL_SEED + (1 if images == "held_out" else 2)
     return {"nll_delta": round(float(diff.mean()), 4) + 0.0,  # + 0.0: no "-0.0" in the manifest
@@ -806,7 +806,7 @@ def script_parser(prog: str, description: str):
     parser.add_argument("--int8", choices=INT8_METHODS, default="best",
                         help="int8 method: static (calibrated int8 activations: the fastest), "
                              "dynamic (int8 weights, float activations) or best (default: both "
-                             "are built, the lower held-out NLL is kept)")
+                             "are built, the one that changes the NLL less on training images is kept)")
     return parser
 
 
@@ -907,7 +907,7 @@ def _summary(name: str, entry: dict, seconds: float) -> str:
     diff = ", ".join(f"{k} {v:.2g}" for k, v in entry["parity"]["max_abs_diff"].items())
     text = f"kvae.export: wrote {name} ({entry['size'] / 1e6:.2f} MB): max abs diff vs Keras {diff}"
     if "nll_delta" in entry:
-        text += f"; held-out NLL {entry['nll_delta']:+.3f} nats vs float32"
+        text += f"; validation NLL {entry['nll_delta']:+.3f} nats vs float32"
     return text + f" [{seconds:.1f} s]"
 
 

@@ -306,7 +306,7 @@ def test_manifest_fields(exported, arch):
         assert ("opset" in entry) == (fmt == "onnx") and entry.get("opset", 17) == 17
         assert set(entry["parity"]["max_abs_diff"]) == set(export.OUTPUTS[half])
         assert set(entry["parity"]["mean_abs_diff"]) == set(export.OUTPUTS[half])
-        assert "held-out" in entry["parity"]["inputs"]
+        assert "validation" in entry["parity"]["inputs"]
         assert ("nll_delta" in entry) == (entry["precision"] != "fp32")
         if fmt == "tflite":
             assert entry["signatures"] == {"serving_default": "dynamic", "batch1": 1}
@@ -660,7 +660,7 @@ def test_int8_method_is_chosen_on_training_images(exported, keras_halves, forced
         for k, v in run_file(files[chosen], half, inputs, 16).items():
             np.testing.assert_array_equal(written[k], v)  # the file written is that candidate
         assert "training images" in best[name]["int8_selection"]
-        assert "held-out" in best[name]["nll"]["inputs"]
+        assert "validation" in best[name]["nll"]["inputs"]
         for method, path in files.items():
             forced = json.loads((path.parent / "manifest.json").read_text())["files"][name]
             assert forced["quantization"] == method and set(forced["int8_candidates"]) == {method}
