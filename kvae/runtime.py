@@ -37,6 +37,9 @@ SIGNATURES = {"encoder": (("x",), ("loc", "scale")), "decoder": (("z",), ("x_mea
 # float32 rounds a probability within 2^-25 of 1 to exactly 1.0: clip there (see log_likelihood)
 P_MAX = 1.0 - 2.0 ** -25
 P_MIN = float(np.finfo(np.float32).smallest_subnormal)
+# An int8 full-integer decoder's probabilities lie on a grid of 1/256 steps: its 0 stands for any p
+# below half a step, so log P(X|z) clips there (2^-9), not at float32's 2^-149 (-103 nats a pixel)
+P_MIN_INT8 = 2.0 ** -9
 
 
 class RuntimeInputError(ValueError, KVAEError):
@@ -386,6 +389,7 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: _Session,
         source = "manifest.json"
         info = {key: manifest.get(key) for key in ("latent_dim", "image_shape", "likelihood", "sigma")}
         info["precision"] = (entry or {}).get("precision", "fp32")
+        info["quantization"] = (entry or {}).get("quantization")
     elif "latent_dim" in meta:
         source = f"{session.format.upper() if session.format == 'onnx' else 'TFLite'} metadata"
         try:
@@ -393,13 +397,14 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: _Session,
                     "image_shape": json.loads(meta.get("image_shape", "null")),
                     "likelihood": meta.get("likelihood"),
                     "sigma": float(meta["sigma"]) if meta.get("sigma") not in (None, "", "None") else None,
-                    "precision": meta.get("precision", "fp32")}
+                    "precision": meta.get("precision", "fp32"),
+                    "quantization": meta.get("quantization")}
         except (ValueError, TypeError) as e:
             raise RuntimeInputError(f"{session.path}: unreadable kvae metadata: {e}") from None
     else:
         source = "model shapes"
         info = {"latent_dim": None, "image_shape": None, "likelihood": None, "sigma": None,
-                "precision": "fp32"}
+                "precision": "fp32", "quantization": None}
     # the model's own shapes fill gaps and must agree with the metadata
     if half == "decoder":
         latent = session.inputs["z"][0][-1]
@@ -465,6 +470,18 @@ class Decoder(_Half):
                       "keep z to moderate values (the prior is N(0, I)); if they are, the file is "
                       "broken: export it again")
         return x_mean[0] if single else x_mean
+
+    @property
+    def p_range(self) -> tuple[float, float]:
+        """The probabilities a Bernoulli log-likelihood clips x_mean to: this file's resolution.
+
+        float32 outputs: [2^-149, 1 - 2^-25]. An int8 file that is not dynamic-range quantized (its
+        output is an int8 grid: steps of 1/256 in TFLite, about that in ONNX QDQ, its scale being
+        calibrated): [2^-9, 1 - 2^-9], half a step.
+        """
+        if self.info.get("precision") == "int8" and self.info.get("quantization") != "dynamic":
+            return P_MIN_INT8, 1.0 - P_MIN_INT8
+        return P_MIN, P_MAX
 
     def sample(self, n: int, seed=None) -> np.ndarray:
         """n images from the prior: z = eps ~ N(0, I) drawn by numpy, then decoded.
@@ -683,10 +700,13 @@ class VAE:
 
         The sum is a float64 log-sum-exp, accumulated over chunks of samples (memory stays below
         about `budget` decoded pixels). Bernoulli: log P(X|z) = sum x log p + (1 - x) log(1 - p)
-        from the decoder's float32 probabilities p, clipped to [2^-149, 1 - 2^-25] (float32 cannot
-        tell p from 1 above that): identical to the logits formula except where the decoder is
-        so sure of a pixel that float32 rounds p to exactly 0 or 1 and the pixel disagrees, where it
-        is an upper bound. Gaussian: N(x; x_mean, sigma^2 I) with the manifest's sigma.
+        from the decoder's float32 probabilities p, p clipped to at least 2^-149 in log p and at
+        most 1 - 2^-25 in log(1 - p) (float32 cannot tell p from 1 above that): identical to the
+        logits formula except where the decoder is so sure of a pixel that float32 rounds p to
+        exactly 0 or 1 and the pixel disagrees, where it is an upper bound. A full-integer int8
+        decoder's p are multiples of about 1/256, so there the clip is half a step, 2^-9
+        (`Decoder.p_range`): its 0 would otherwise cost 103 nats a pixel (several nats per image
+        at k=1 on the test run). Gaussian: N(x; x_mean, sigma^2 I) with the manifest's sigma.
 
         Args:
           x: images in [0, 1] (binarized for a Bernoulli likelihood) or uint8; see Encoder.encode.
@@ -726,7 +746,8 @@ class VAE:
                 log_prior = np.sum(-0.5 * z ** 2 - 0.5 * LOG_2PI, -1)
                 x_mean = self.decoder.decode(z.reshape(-1, self.latent_dim).astype(np.float32))
                 x_mean = x_mean.reshape(s, b, -1).astype(np.float64)
-                log_px = _log_px(xb.reshape(1, b, -1), x_mean, likelihood, sigma)  # (s, B)
+                log_px = _log_px(xb.reshape(1, b, -1), x_mean, likelihood, sigma,  # (s, B)
+                                 self.decoder.p_range)
                 lse = np.logaddexp(lse, logsumexp(log_px + log_prior - log_q))
             out[start:start + b] = lse - math.log(k)
         return float(out[0]) if single else out
@@ -739,9 +760,14 @@ def logsumexp(a: np.ndarray) -> np.ndarray:
     return m_safe + np.log(np.sum(np.exp(a - m_safe), axis=0))
 
 
-def _log_px(x: np.ndarray, x_mean: np.ndarray, likelihood: str, sigma: float | None) -> np.ndarray:
-    """log P(X|z) summed over pixels: x (1, B, P), x_mean (s, B, P) -> (s, B)."""
+def _log_px(x: np.ndarray, x_mean: np.ndarray, likelihood: str, sigma: float | None,
+            p_range: tuple[float, float] = (P_MIN, P_MAX)) -> np.ndarray:
+    """log P(X|z) summed over pixels: x (1, B, P), x_mean (s, B, P) -> (s, B).
+
+    Bernoulli: p is clipped only in the term that needs it: at least p_range[0] in log p, at most
+    p_range[1] in log(1 - p).
+    """
     if likelihood == "bernoulli":
-        p = np.clip(x_mean, P_MIN, P_MAX)
-        return np.sum(x * np.log(p) + (1 - x) * np.log1p(-p), -1)
+        lo, hi = p_range
+        return np.sum(x * np.log(np.maximum(x_mean, lo)) + (1 - x) * np.log1p(-np.minimum(x_mean, hi)), -1)
     return np.sum(-0.5 * ((x - x_mean) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI, -1)

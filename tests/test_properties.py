@@ -260,7 +260,8 @@ def test_decode_refuses_every_invalid_z(vaes, fmt, z):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @settings(max_examples=40, **SETTINGS)
-@given(z=hnp.arrays(np.float32, st.integers(1, 3).map(lambda b: (b, LATENT)), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)))
+@given(z=hnp.arrays(np.float32, st.integers(1, 3).map(lambda b: (b, LATENT)),
+                   elements=st.floats(width=32, allow_nan=False, allow_infinity=False)))
 def test_decode_of_extreme_z_is_right_or_says_the_model_overflowed(vaes, files, fmt, z):
     """|z| up to 3.4e38 (finite float32): either the file's own result, or the one documented
     refusal for a model whose output overflowed (never NaN out, never another error)."""

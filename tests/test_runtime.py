@@ -557,22 +557,26 @@ class KerasSession:
         return {name: np.asarray(v, np.float32) for name, v in zip(OUTPUT_NAMES[self.half], out)}
 
 
+NLL_K = [1, 20]  # k=1: one sample per image, where each pixel's clipped probability counts in full
+
+
 @pytest.fixture(scope="session")
 def nll_reference(run, keras_halves):
-    """100 binarized held-out digits and the runtime's log P(X) (k=20, seed 3) with both halves Keras."""
+    """100 binarized held-out digits and, per k, the runtime's log P(X) (seed 3) with both halves Keras."""
     from kvae.data import binarize_fixed, load
 
     x = binarize_fixed(load("mnist-5k").x_val[:100], "dynamic")
     vae = VAE.from_folder(run)
     vae.encoder.session = KerasSession(keras_halves[0], "encoder")
     vae.decoder.session = KerasSession(keras_halves[1], "decoder")
-    return x, vae.log_likelihood(x, k=20, seed=3)
+    return x, {k: vae.log_likelihood(x, k=k, seed=3) for k in NLL_K}
 
 
 @pytest.mark.parametrize("layout, fmt, precision", LAYOUT_FILES)
 @pytest.mark.parametrize("half", HALVES)
+@pytest.mark.parametrize("k", NLL_K)
 def test_nll_change_within_precision_bound(run, layouts, keras_halves, nll_reference, layout, fmt,
-                                           precision, half):
+                                           precision, half, k):
     """The NLL-relevant error: the file in place of its Keras half moves the runtime's held-out
     log P(X) (paired: same images, same eps) by at most NLL_DIFF nats per image on average."""
     x, expected = nll_reference
@@ -581,10 +585,33 @@ def test_nll_change_within_precision_bound(run, layouts, keras_halves, nll_refer
     paths = {half: folder / f"{filename(half, precision)}.{fmt}", other: run / "export" / f"{other}.onnx"}
     vae = VAE(paths["encoder"], paths["decoder"])
     getattr(vae, other).session = KerasSession(keras_halves[HALVES.index(other)], other)  # Keras
-    change = vae.log_likelihood(x, k=20, seed=3) - expected
+    change = vae.log_likelihood(x, k=k, seed=3) - expected[k]
     assert np.all(np.isfinite(change))
     assert abs(change.mean()) <= NLL_DIFF[precision], (
-        f"{layout} {half} {precision}: log P(X) moved by {change.mean():+.4f} nats per image")
+        f"{layout} {half} {precision}, k={k}: log P(X) moved by {change.mean():+.4f} nats per image")
+
+
+@pytest.mark.parametrize("layout, fmt, quantization, p_range", [
+    ("mixed", "tflite", "static", (2.0 ** -9, 1 - 2.0 ** -9)),  # an int8 grid: half a 1/256 step
+    ("onnx-static", "onnx", "static", (2.0 ** -9, 1 - 2.0 ** -9)),
+    ("tflite", "tflite", None, None)])  # the exporter's pick: static or dynamic
+def test_int8_probabilities_clip_at_the_file_resolution(layouts, tmp_path, layout, fmt, quantization, p_range):
+    """A full-integer decoder's 0 means p < 2^-9, not p < 2^-149 (read from the manifest, else
+    from the file's metadata); float32 outputs keep float32's limits."""
+    import shutil
+
+    from kvae.runtime import P_MAX, P_MIN
+
+    decoder = Decoder(layouts[layout] / f"decoder.int8.{fmt}")
+    quantization = quantization or decoder.info["quantization"]
+    assert decoder.info["quantization"] == quantization in ("static", "dynamic")
+    if p_range is None:
+        p_range = (2.0 ** -9, 1 - 2.0 ** -9) if quantization == "static" else (P_MIN, P_MAX)
+    assert decoder.p_range == p_range
+    shutil.copy(decoder.path, tmp_path / decoder.path.name)  # no manifest: the file's metadata
+    alone = Decoder(tmp_path / decoder.path.name)
+    assert alone.info["source"] != "manifest.json" and alone.p_range == p_range
+    assert Decoder(layouts[layout] / f"decoder.{fmt}").p_range == (P_MIN, P_MAX)
 
 
 def filename(half: str, precision: str) -> str:
