@@ -106,14 +106,8 @@ def compiled_as(model: keras.Model) -> dict:
 
 
 def kvae_compile_options(config: Config, steps: int) -> dict:
-    """`compile()` arguments as kvae.fit.fit resolves them (TensorFlow backend, one replica).
-
-    kvae.fit has no function for this yet, so these two lines mirror fit's;
-    tests/test_bench.py checks that they compile what fit compiles, GPU or not.
-    """
-    jit = bool(kvae_fit.accelerators()) if config.jit is None else config.jit
-    return {"jit_compile": jit,
-            "steps_per_execution": kdata.steps_per_execution(steps, config.steps_per_execution)}
+    """`compile()` arguments exactly as kvae.fit resolves them on this device (one replica)."""
+    return kvae_fit.compile_options(config, steps, kvae_fit.accelerators(), keras.backend.backend())
 
 
 def reference_run(x: np.ndarray, config: Config, epochs: int) -> tuple[float, float, dict]:

@@ -141,15 +141,8 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
         lr = config.lr
         if config.lr_schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(config.lr, total_steps, alpha=0.1)
-        # XLA: measured 2x slower than plain TF for the conv VAE on 2 CPU cores; on by default
-        # on GPU and always under JAX (its only fast mode); off inside tf.distribute (as Keras's
-        # own "auto" does).
-        jit = (bool(gpus) or backend == "jax") if config.jit is None else config.jit
-        # Keras's multi-step loop fails under tf.distribute with this model ("You must feed a
-        # value for placeholder tensor" inside its while loop): one step per call there.
-        spe = 1 if config.strategy != "none" else kdata.steps_per_execution(steps, config.steps_per_execution)
-        vae.compile(optimizer=keras.optimizers.Adam(lr), jit_compile=jit and replicas == 1,
-                    steps_per_execution=spe)
+        vae.compile(optimizer=keras.optimizers.Adam(lr),
+                    **compile_options(config, steps, gpus, backend, replicas))
         vae.optimizer.build(vae.trainable_variables)
 
     # written once the model exists: a model too big for memory leaves no half-started run behind
@@ -220,6 +213,22 @@ def make_strategy(name: str):
             raise KVAEError(f"--strategy multi-worker: could not start the gRPC server of task "
                             f"{json.dumps(task)}: is its port in TF_CONFIG already in use?") from None
     return tf.distribute.get_strategy()
+
+
+def compile_options(config: Config, steps: int, gpus: list, backend: str, replicas: int = 1) -> dict:
+    """`compile()`'s XLA and steps-per-execution arguments for a run (bench/train_throughput.py
+    times exactly these).
+
+    XLA is on by default with a GPU and always under JAX (its only fast mode), off on a CPU
+    (`bench/train_throughput.py --jit on` measures it) and inside tf.distribute (as Keras's own
+    "auto" does). Keras's multi-step loop fails under tf.distribute with this model ("You must
+    feed a value for placeholder tensor" inside its while loop): one step per call there.
+    """
+    from kvae import data as kdata
+
+    jit = (bool(gpus) or backend == "jax") if config.jit is None else config.jit
+    spe = 1 if config.strategy != "none" else kdata.steps_per_execution(steps, config.steps_per_execution)
+    return {"jit_compile": bool(jit) and replicas == 1, "steps_per_execution": spe}
 
 
 def accelerators() -> list[str]:
