@@ -278,11 +278,14 @@ MAX_DIFF = {
 MEAN_DIFF = {
     "fp32": 1e-6,  # float32 rounding is ~1e-7 per value
     "fp16": 2.5e-4,  # half of 2^-11: independent roundings of the weights cancel on average
-    "int8": 0.01,  # under 3 steps of int8's 1/256 output grid; a row-shifted output is at 0.04
+    "int8": 0.01,  # x_mean: 2.5 steps of int8's 1/256 probability grid; a row-shifted output is at 0.04
 }
+# int8 loc and scale lie on a grid of their own range / 256 after 4 quantized layers (the RGB run's
+# TFLite encoder: 1.7 steps off on average): 5 steps, times max(1, max |Keras output|)
+INT8_CODE_MEAN_DIFF = 0.02
 # |Mean paired change| of the runtime's held-out log P(X) (nats per image) when the file replaces
 # its Keras half (same images, same eps, the other half Keras): pixel errors of random sign add up
-# like sqrt(784) = 28 of them, each weighted by |d log p / dp| ~ 2, so ~56 * MEAN_DIFF.
+# like sqrt(784) = 28 of them, each weighted by |d log p / dp| ~ 2, so ~56 * MEAN_DIFF (x_mean's).
 NLL_DIFF = {
     "fp32": 1e-4,  # 56 * 1e-6
     "fp16": 0.02,  # 56 * 2.5e-4 = 0.014
@@ -429,8 +432,9 @@ def assert_near_keras(actual: dict, expected: dict, precision: str, where: str) 
         assert np.all(np.isfinite(actual[name])), (name, where)
         assert diff.max() <= MAX_DIFF[precision] * size, (
             f"{where}: {name} max abs diff {diff.max():.3g} > {MAX_DIFF[precision] * size:.3g}")
-        assert diff.mean() <= MEAN_DIFF[precision] * size, (
-            f"{where}: {name} mean abs diff {diff.mean():.3g} > {MEAN_DIFF[precision] * size:.3g}")
+        mean = INT8_CODE_MEAN_DIFF if precision == "int8" and name != "x_mean" else MEAN_DIFF[precision]
+        assert diff.mean() <= mean * size, (
+            f"{where}: {name} mean abs diff {diff.mean():.3g} > {mean * size:.3g}")
 
 
 def signature_cases():
