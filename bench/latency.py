@@ -22,7 +22,7 @@ then `python export/to_onnx.py RUN`, about a minute each).
 
 Prints Markdown tables and the issue's goals as PASS/MISS with the numbers of this run:
 batch-1 decode in onnxruntime or LiteRT >= 50x faster than Keras eager; int8 decoder <= 30% of
-the float32 size with held-out NLL within 0.25 nats of float32; float16 within 0.02 nats (the NLL
+the float32 size with validation NLL within 0.25 nats of float32; float16 within 0.02 nats (the NLL
 changes are the exporter's paired-eps `nll_delta` from RUN/export/manifest.json). Writes
 everything, with versions, thread settings and the load average, to --out.
 """
@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from kvae.errors import KVAEError, cli_errors  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))  # bench/machine.py, also when loaded by path
+import machine  # noqa: E402
 
 HALVES = ("encoder", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -491,9 +493,8 @@ def measure(run: str | Path, seconds: float = 0.5, rounds: int = 5, threads=(1, 
             "onnxruntime": "CPUExecutionProvider, intra_op_num_threads = threads, inter_op 1, "
                            "default graph optimizations",
         },
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "processor": platform.processor() or platform.machine(),
-                    "loadavg_1_5_15_before": list(load_before), "loadavg_1_5_15_after": list(os.getloadavg())},
+        "machine": {**machine.describe(), "loadavg_1_5_15_before": list(load_before),
+                    "loadavg_1_5_15_after": list(os.getloadavg())},
         "versions": versions(),
         "seconds": time.perf_counter() - started,
         "latency": rows, "sizes": files, "cold_start": cold, "goals": goals(rows, files),
@@ -511,7 +512,7 @@ def measure(run: str | Path, seconds: float = 0.5, rounds: int = 5, threads=(1, 
             "Keras rows run in TensorFlow's thread pools (tensorflow_threads; 0 = all cores).",
             "Sizes: bytes on disk; the TFLite files hold every signature (serving_default, batch1, "
             "batch64) with one copy of the weights. NLL changes: the exporter's nll_delta in "
-            "manifest.json (held-out IWAE NLL with the variant minus float32 Keras, paired eps).",
+            "manifest.json (validation IWAE NLL with the variant minus float32 Keras, paired eps).",
             "cold_start: medians over fresh processes, kinds interleaved; import_s and first_image_s "
             "are timed inside the process, process_s is its whole wall time.",
         ],
@@ -629,13 +630,13 @@ def markdown(result: dict) -> str:
     header = (f"Median ms per call after {s['warmup_calls']} warm-up calls, {s['rounds']} interleaved "
               f"rounds, ~{s['seconds_per_case']} s per case; LiteRT with XNNPACK, onnxruntime "
               f"intra-op threads as shown (inter-op 1); Keras in TensorFlow's pools (intra-op "
-              f"{tf['intra_op'] or 'all cores'}); {m['cpus']} CPUs shared with other jobs, load "
+              f"{tf['intra_op'] or 'all cores'}); {m['cpus']} CPUs ({m.get('cpu', 'model not recorded')}), load "
               f"average {m['loadavg_1_5_15_before'][0]:.1f} before / {m['loadavg_1_5_15_after'][0]:.1f} after.")
     return "\n\n".join([
         header,
         "**Decoder** (z -> x_mean)\n\n" + latency_table(result, "decoder"),
         "**Encoder** (x -> loc, scale)\n\n" + latency_table(result, "encoder"),
-        "**File sizes** (vs float32; NLL change: the exporter's paired held-out `nll_delta`)\n\n"
+        "**File sizes** (vs float32; NLL change: the exporter's paired validation `nll_delta`)\n\n"
         + size_table(result),
         "**Without TensorFlow**: cold start (fresh processes) and decode through `kvae.runtime`\n\n" + cold_table(result),
         "**Goals** (issue 7)\n\n" + goal_lines(result),

@@ -25,6 +25,9 @@ from kvae import data as kdata
 from kvae.config import add_config_flags, config_from_args
 from kvae.evaluate import iwae_nll, summarize
 from kvae.fit import fit
+import sys
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
+import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,7 +76,8 @@ def main() -> None:
           f"{final['nll_se']:.2f} nats after {minutes:.2f} min of training "
           f"(goal: <= 90 nats within 3 min)")
     RESULTS.mkdir(exist_ok=True)
-    result = {"config": config.to_dict(), "curve": curve.points, "train_seconds": curve.train_seconds,
+    result = {"config": config.to_dict(), "machine": machine.describe(),
+              "curve": curve.points, "train_seconds": curve.train_seconds,
               "final": {**final, "k": args.k, "n": len(x_val)}}
     (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / "quality.png")

@@ -33,6 +33,9 @@ from kvae import data as kdata
 from kvae import fit as kvae_fit
 from kvae.config import Config
 from kvae.model import build_decoder_net, build_encoder, build_vae
+import sys
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
+import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -173,7 +176,7 @@ def main() -> None:
     for name, compiled in ran.items():  # every round of a side compiles the same way
         assert all(c == compiled[0] for c in compiled), (name, compiled)
     result = {"device": "GPU" if gpus else "CPU", "devices": gpus or [device],
-              "machine": platform.machine(), "arch": args.arch,
+              "machine": machine.describe(), "arch": args.arch,
               "batch_size": args.batch_size, "epochs": args.epochs, "rounds": args.rounds,
               "samples_per_second": runs, "median_ratio": ours / ref, "round_ratios": ratios,
               # read back from the compiled models: what ran, not what was asked for
