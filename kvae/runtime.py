@@ -447,9 +447,9 @@ class Decoder(_Half):
       max_batch: rows per runtime call (larger batches are chunked).
       prefer_fixed: TFLite files with fixed-batch signatures (`batch1`, the exporter's fast path):
         feed rows through them (row by row for `batch1`) rather than the dynamic signature.
-        Default: on for the decoder under XNNPACK (quickstart decoder, batch 64: 47 ms row by row vs 66 ms
-        dynamic; int8 14 vs 31 ms), off for the encoder (9.0 vs 6.6 ms). A batch of exactly N
-        always uses `batch<N>`.
+        Default: on for the decoder under XNNPACK (it cannot run a Conv2DTranspose with a
+        run-time batch; bench/latency.py times both signatures), off for the encoder (Conv2D
+        runs as fast either way). A batch of exactly N always uses `batch<N>`.
       likelihood, sigma: override the manifest's (needed for log_likelihood without a manifest).
 
     Raises:
