@@ -4,6 +4,11 @@ Writes RUN/export/encoder.onnx and decoder.onnx (float32, opset 17, dynamic batc
 encoder/decoder .fp16 and .int8 variants, each checked with onnx.checker and against Keras in
 onnxruntime before it gets its final name, and merges their entries into
 RUN/export/manifest.json. The logic lives in kvae/export.py.
+
+It holds RUN's writer lock (kvae.runlock): with a fit or an evaluation of RUN running it ends at
+once (exit code 2, the holder's pid); with another export of RUN running it waits for it.
+SIGINT / SIGTERM end it with one line and exit code 130 / 143; a file that has not passed its
+self-check never has its final name.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from kvae import export  # noqa: E402  (numpy only: --help stays fast)
-from kvae.errors import cli_errors  # noqa: E402
+from kvae.errors import Interrupted, cli_errors, signals_interrupt  # noqa: E402
+from kvae.runlock import export_lock  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -22,8 +28,18 @@ def main(argv=None) -> None:
         "python export/to_onnx.py",
         "Export a run's encoder and decoder to ONNX (opset 17), checked against Keras.")
     args = parser.parse_args(argv)
-    with cli_errors("export/to_onnx.py"):
-        export.export_onnx(args.run, args.out, export.quantized(args.quantize), args.int8)
+    prog = "export/to_onnx.py"
+    with cli_errors(prog), signals_interrupt():
+        try:
+            with export_lock(args.run, prog):
+                export.export_onnx(args.run, args.out, export.quantized(args.quantize), args.int8)
+        except Interrupted as e:
+            raise e.with_message(interrupted(args.out or Path(args.run) / "export")) from None
+
+
+def interrupted(out) -> str:
+    return (f"interrupted; the files under final names in {out} passed their self-check (its "
+            "manifest.json lists them): run it again to write the rest")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The one exception type that the command-line tools turn into a one-line message."""
+"""The one exception type that the command-line tools turn into a one-line message, and how
+SIGINT / SIGTERM end them (one line, exit code 128 + the signal: 130 / 143)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,64 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 
 
 class KVAEError(Exception):
     """A mistake a user can fix (bad input, missing file, no network): reported in one line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (see `signals_interrupt`); `message` is the line to print."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+    def with_message(self, message: str) -> "Interrupted":
+        return Interrupted(self.signum, message)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; docker stop, Kubernetes, schedulers
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While the block runs, SIGINT and SIGTERM raise `Interrupted` in the main thread (Python's
+    default: SIGTERM ends the process with no clean-up at all). `finally` blocks and context
+    managers then run, as for Ctrl-C: temporary files go, locks are released."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    with _handlers(interrupt):
+        yield
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """A block that SIGINT and SIGTERM do not cut (an epoch's commit): a signal that arrives
+    inside it is delivered, to the handler in place before, when the block ends."""
+    pending: list[int] = []
+    with _handlers(lambda signum, frame: pending.append(signum)):
+        yield
+    for signum in dict.fromkeys(pending):
+        signal.raise_signal(signum)  # runs a Python handler before it returns
+
+
+@contextlib.contextmanager
+def _handlers(handler):
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    # None: a handler not set from Python; SIG_DFL is the closest we can put back
+    before = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in before.items():
+            signal.signal(s, signal.SIG_DFL if old is None else old)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,7 +106,7 @@ def describe_os_error(e: OSError) -> str:
 @contextlib.contextmanager
 def cli_errors(prog: str):
     """Turns KVAEError, failed reads/writes (a full disk), running out of memory and Ctrl-C into
-    one line on stderr and a non-zero exit, no traceback."""
+    one line on stderr and a non-zero exit, no traceback (an interruption: 128 + its signal)."""
     try:
         yield
     except KVAEError as e:
@@ -61,9 +115,9 @@ def cli_errors(prog: str):
         _fail(prog, describe_os_error(e))
     except MemoryError as e:
         _fail(prog, f"out of memory{': ' + str(e) if str(e) else ''}; try smaller sizes")
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or Interrupted (SIGINT / SIGTERM)
+        print(f"{prog}: {getattr(e, 'message', '') or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except Exception as e:
         inside = kvae_error_inside(e)
         if inside is not None:  # raised in a tf.data function (a broken image found mid-training)

@@ -9,11 +9,13 @@ numbers) or on a TFDS dataset's test split (`--split test`: images no choice saw
 
 computed with log-sum-exp in chunks (memory stays bounded for k = 5000). Binarized data is
 binarized once with a fixed seed (kvae.data.EVAL_SEED) so numbers compare across runs. Results
-are merged into RUN/metrics.json under "eval".
+are merged into RUN/metrics.json under "eval". It holds RUN's writer lock (kvae.runlock) while it
+runs: with a fit or an export of RUN running it ends at once (exit code 2, the holder's pid).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import zipfile
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import ArgumentParser, KVAEError, cli_errors
+from kvae.errors import ArgumentParser, KVAEError, cli_errors, signals_interrupt
 from kvae.files import atomic_write_text
+from kvae.runlock import run_lock
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -163,7 +166,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
     args = parser.parse_args(argv)
-    with cli_errors("kvae.evaluate"):
+    with cli_errors("kvae.evaluate"), signals_interrupt(), contextlib.ExitStack() as held:
         if args.k < 1:
             raise KVAEError("--k must be a positive integer")
         if args.n is not None and args.n < 1:
@@ -173,6 +176,7 @@ def main(argv=None) -> None:
 
         if not (run / "config.json").exists():
             raise KVAEError(f"{run} is not a run folder (no config.json); train one with python -m kvae.fit")
+        held.enter_context(run_lock(run, "kvae.evaluate"))  # before it reads or writes anything
         if not (run / "vae.keras").exists():
             raise KVAEError(f"{run} has no vae.keras: its training has not finished "
                             "(continue it with python -m kvae.fit --resume --out RUN)")
@@ -230,9 +234,10 @@ def read_metrics(run: Path) -> dict:
 
 
 def merge_metrics(run: Path, values: dict) -> None:
-    """Merges `values` into RUN/metrics.json (atomically)."""
-    atomic_write_text(Path(run) / "metrics.json",
-                      json.dumps({**read_metrics(run), **values}, indent=2) + "\n")
+    """Merges `values` into RUN/metrics.json (atomically, under RUN's lock: no merge is lost)."""
+    with run_lock(run, "kvae.evaluate"):
+        atomic_write_text(Path(run) / "metrics.json",
+                          json.dumps({**read_metrics(run), **values}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

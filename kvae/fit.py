@@ -6,6 +6,9 @@ Trains a VAE and writes the run folder:
 
 The models saved are the best by validation loss. `--resume` continues an interrupted run (even
 one killed with SIGKILL) from its last finished epoch; every epoch appears in history.csv once.
+SIGINT (Ctrl-C) and SIGTERM stop a run within a step, keeping the folder as its last finished
+epoch left it, with one line (`interrupted after epoch N of M; continue with ...`) and exit code
+130 / 143. One process at a time writes a run folder (kvae.runlock): a second one exits with 2.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -22,8 +26,10 @@ import time
 from pathlib import Path
 
 from kvae.config import Config, ConfigError, add_config_flags, config_from_args
-from kvae.errors import ArgumentParser, KVAEError, cli_errors
+from kvae.errors import (ArgumentParser, Interrupted, KVAEError, cli_errors, signals_deferred,
+                         signals_interrupt)
 from kvae.files import atomic_path, remove_stale_temps
+from kvae.runlock import run_lock
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(
@@ -76,13 +82,10 @@ def _epochs_done(out: Path) -> int:
         return 0
 
 
-def check_out(out: Path, resume: bool) -> None:
-    """Fails early (before any training) if the run folder is unusable."""
+def check_out(out: Path) -> None:
+    """Fails early (before any training, before the lock makes the folder) if --out is unusable."""
     if out.exists() and not out.is_dir():
         raise KVAEError(f"--out {out} is a file, not a folder")
-    if not resume and (out / "config.json").exists():
-        raise KVAEError(f"{out} already holds a run: pass --resume to continue it, or choose "
-                        "another --out")
     probe = out if out.exists() else next(p for p in [*out.parents] if p.exists())
     try:
         tempfile.TemporaryFile(dir=probe).close()
@@ -90,23 +93,60 @@ def check_out(out: Path, resume: bool) -> None:
         raise KVAEError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
+def check_new(out: Path, resume: bool) -> None:
+    """Under the run lock: a new run needs a folder without one."""
+    if not resume and (out / "config.json").exists():
+        raise KVAEError(f"{out} already holds a run: pass --resume to continue it, or choose "
+                        "another --out")
+
+
 def main(argv=None) -> None:
-    with cli_errors("kvae.fit"):
+    with cli_errors("kvae.fit"), signals_interrupt():
         args = parse_args(argv)
         config = resolve_config(args)
-        if is_chief():
-            check_out(Path(config.out), args.resume)
-        fit(config, resume=args.resume)
+        out, chief = Path(config.out), is_chief()
+        if chief:
+            check_out(out)
+        # the lock first: a second writer hears of the first (its pid), not of its files
+        with run_lock(out, "kvae.fit", create=True) if chief else contextlib.nullcontext():
+            if chief:
+                check_new(out, args.resume)
+            try:
+                fit(config, resume=args.resume)
+            except Interrupted as e:
+                raise e.with_message(interrupted(out, config.epochs)) from None
+
+
+def interrupted(out: Path, epochs: int) -> str:
+    """The line an interrupted fit ends with: what the folder holds and how to continue."""
+    again = f"python -m kvae.fit --resume --out {shlex.quote(str(out))}"
+    if not (out / "config.json").exists():
+        return f"interrupted before training began; nothing was kept in {out}"
+    done = _epochs_done(out)
+    if done == 0:
+        return f"interrupted before epoch 1 of {epochs} ended; continue with {again}"
+    return f"interrupted after epoch {done} of {epochs}; continue with {again}"
 
 
 def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     """Trains the VAE that `config` describes and writes its run folder. Returns metrics.
 
+    Holds the run folder's lock (kvae.runlock) while it runs. SIGINT / SIGTERM wait for an
+    epoch's commit that has begun (see RunState).
+
     Args:
       config: the run.
       resume: continue the run in `config.out` from its last finished epoch.
       callbacks: extra Keras callbacks (benchmarks use them to watch training).
+
+    Raises:
+      kvae.runlock.RunInUse: another process writes `config.out`.
     """
+    with run_lock(config.out, "kvae.fit", create=True) if is_chief() else contextlib.nullcontext():
+        return _fit(config, resume, callbacks)
+
+
+def _fit(config: Config, resume: bool, callbacks) -> dict:
     from kvae import data as kdata
 
     binarize = config.resolved_binarize
@@ -264,9 +304,10 @@ def finish(vae, dataset, config: Config, state) -> dict:
 
     out = Path(config.out)
     vae.load_weights(state.weights_path(state.best_epoch))
-    for name, model in (("vae", vae), ("encoder", vae.encoder), ("decoder", vae.decoder())):
-        with atomic_path(out / f"{name}.keras") as tmp:
-            keras.saving.save_model(model, tmp)
+    with signals_deferred():  # the three models of one epoch, never a mix of two
+        for name, model in (("vae", vae), ("encoder", vae.encoder), ("decoder", vae.decoder())):
+            with atomic_path(out / f"{name}.keras") as tmp:
+                keras.saving.save_model(model, tmp)
 
     z = np.random.default_rng(config.seed).standard_normal((64, vae.latent_dim), np.float32)
     plots.save_grid(np.asarray(vae.decode(z)), out / "samples.png", cols=8)

@@ -1,0 +1,432 @@
+"""One writer per run folder, polite stops, damaged resume state (issue #18).
+
+Real processes, real signals, real concurrency:
+- Two fits on one folder: the second (new or `--resume`) exits 2 at once naming the first's pid,
+  and so do an export and an evaluation of it, all without writing anything; a SIGKILL of the
+  holder leaves no stale lock (`--resume` then trains).
+- SIGINT / SIGTERM in the middle of an epoch: one line `interrupted after epoch N of M; continue
+  with ...`, exit code 130 / 143, the folder exactly as after epoch N (every file hashed when
+  epoch N+1 began), and `--resume` ends with every epoch in history.csv once and the weights of an
+  uninterrupted run (CPU).
+- Exports: a second export of a run waits for the first; a fit and an evaluation refuse it; a
+  SIGTERM mid-export (a file half-written under its temporary name) leaves no file under a final
+  name that did not pass its self-check, one line, exit code 143, and the waiting export then runs.
+- Damaged state: a truncated latest `state/*.weights.h5` resumes from the previous checkpoint (and
+  still ends with an uninterrupted run's weights); a truncated progress.json resumes from the
+  checkpoint records; with no intact checkpoint, one line and nothing trained.
+
+Every wait is for an event (a line a child prints, a child that pauses at a known point and says
+so), never for a time; WAIT is only a safety net for a child that hangs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 600  # seconds: a safety net, never a speed goal
+EPOCHS = 4
+TF_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ \S+:\d+\] |WARNING: All log messages "
+                    r"before absl::InitializeLog\(\) is called are written to STDERR$|To enable the "
+                    r"following instructions)")
+
+# `python -c WRAPPER ARGS` runs ARGS as `python ARGS` does, with two test hooks:
+# - KVAE_TEST_PAUSE_EPOCH=E (kvae.fit): after the first step of epoch E it prints "kvae test:
+#   paused in epoch E" and waits for a line on stdin. KVAE_TEST_SNAPSHOTS=DIR: when epoch e+1
+#   begins (epoch e committed), every file of the run folder but logs/ and the lock is hashed into
+#   DIR/after-e.json.
+# - KVAE_TEST_PAUSE_AT="<glob>:<n>" (export scripts): the n-th atomic write of a matching file
+#   keeps half its bytes under its temporary name, prints "PAUSED <file>" and waits on stdin.
+WRAPPER = r"""
+import contextlib, fnmatch, hashlib, json, os, runpy, sys
+from pathlib import Path
+
+def snapshot(run):
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*"))
+            if p.is_file() and p.relative_to(run).parts[0] != "logs" and p.name != ".kvae-lock"}
+
+if "KVAE_TEST_PAUSE_AT" in os.environ:
+    import kvae.files
+    pattern, nth = os.environ["KVAE_TEST_PAUSE_AT"].rsplit(":", 1)
+    real_atomic_path, seen = kvae.files.atomic_path, []
+
+    @contextlib.contextmanager
+    def atomic_path(path):
+        with real_atomic_path(path) as tmp:
+            yield tmp
+            if fnmatch.fnmatch(Path(path).name, pattern):
+                seen.append(path)
+                if len(seen) == int(nth):
+                    tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
+                    print(f"PAUSED {tmp}", flush=True)
+                    sys.stdin.readline()
+
+    kvae.files.atomic_path = atomic_path  # before kvae.fit / kvae.export import it by name
+
+if sys.argv[1:3] == ["-m", "kvae.fit"]:
+    import keras
+    import kvae.fit
+
+    pause = int(os.environ.get("KVAE_TEST_PAUSE_EPOCH", "0"))
+    snapshots = os.environ.get("KVAE_TEST_SNAPSHOTS")
+
+    class Hooks(keras.callbacks.Callback):
+        def __init__(self, out):
+            super().__init__()
+            self.out, self.paused = Path(out), False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            if snapshots:
+                Path(snapshots, f"after-{epoch}.json").write_text(json.dumps(snapshot(self.out)))
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.epoch + 1 == pause and not self.paused:
+                self.paused = True
+                print(f"kvae test: paused in epoch {pause}", flush=True)
+                sys.stdin.readline()
+
+    fit = kvae.fit.fit
+    kvae.fit.fit = lambda config, resume=False, callbacks=(): fit(
+        config, resume, [*callbacks, Hooks(config.out)])
+    sys.argv = ["kvae.fit", *sys.argv[3:]]
+    kvae.fit.main()
+elif sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class Child:
+    """`python -c WRAPPER args...`, its stdout and stderr lines collected as they come."""
+
+    def __init__(self, args: list[str], **env: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WRAPPER, *map(str, args)], cwd=ROOT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.pid = self.proc.pid
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.open = 2
+        self.changed = threading.Condition()
+        self.readers = [threading.Thread(target=self._read, args=(s, lines), daemon=True)
+                        for s, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self.readers:
+            reader.start()
+
+    def _read(self, stream, lines):
+        for line in stream:
+            with self.changed:
+                lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.open -= 1
+            self.changed.notify_all()
+
+    def wait_for(self, text: str) -> str | None:
+        """Blocks until a line (stdout or stderr) contains `text`: that line, or None if the
+        child's output ended first."""
+        def found():
+            return next((line for line in self.out + self.err if text in line), None)
+
+        with self.changed:
+            self.changed.wait_for(lambda: found() is not None or self.open == 0, timeout=WAIT)
+            return found()
+
+    def go_on(self) -> None:
+        """Lets a paused child continue."""
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc.poll() is None, f"the child ended before the signal:\n{self.output()}"
+        os.kill(self.pid, signum)
+
+    def finish(self) -> int:
+        try:
+            code = self.proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        for reader in self.readers:
+            reader.join(timeout=30)
+        self.proc.stdin.close()
+        return code
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.finish()
+
+    def errors(self) -> list[str]:
+        """stderr without TensorFlow's C++ start-up lines; never a traceback."""
+        text = "\n".join(self.err)
+        assert "Traceback" not in text, text[-4000:]
+        return [line for line in self.err if line.strip() and not TF_LOG.match(line)]
+
+    def output(self) -> str:
+        return "\n".join(self.out[-30:] + ["-- stderr --"] + self.err[-30:])
+
+
+def fit_args(data: str, out: Path, *extra: str) -> list[str]:
+    return ["-m", "kvae.fit", "--dataset", data, "--out", str(out), "--epochs", str(EPOCHS),
+            "--arch", "mlp", "--latent-dim", "4", "--hidden", "32", "--batch-size", "64",
+            "--val-size", "64", "--eval-k", "0", *extra]
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    """Every file of the run folder but logs/ and the lock file -> sha256 (as WRAPPER hashes)."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*"))
+            if p.is_file() and p.relative_to(run).parts[0] != "logs" and p.name != ".kvae-lock"}
+
+
+def history_epochs(run: Path) -> list[int]:
+    return [int(row.split(",")[0]) for row in (run / "history.csv").read_text().splitlines()[1:]]
+
+
+def h5_arrays(source) -> dict[str, np.ndarray]:
+    import h5py
+
+    out = {}
+    with h5py.File(source, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if hasattr(obj, "shape") else None)
+    return out
+
+
+def keras_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The weights inside a .keras file (its model.weights.h5), read without Keras."""
+    import io
+
+    with zipfile.ZipFile(path) as z:
+        return h5_arrays(io.BytesIO(z.read("model.weights.h5")))
+
+
+def assert_same_weights(run: Path, reference: Path) -> None:
+    for a, b in ((h5_arrays(run / "state" / f"epoch-{EPOCHS:04d}.weights.h5"),
+                  h5_arrays(reference / "state" / f"epoch-{EPOCHS:04d}.weights.h5")),
+                 (keras_arrays(run / "vae.keras"), keras_arrays(reference / "vae.keras"))):
+        assert a.keys() == b.keys() and len(a) > 5
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    """500 real MNIST digits (436 train / 64 validation): 7 steps an epoch."""
+    from kvae.data import _mnist_5k
+
+    x, _ = _mnist_5k()
+    path = tmp_path_factory.mktemp("run-folder-data") / "small.npz"
+    np.savez(path, x=x[:500, :, :, 0])
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Returns done() -> the folder of an uninterrupted run (trained once, in the background from
+    the first test that asks, alongside that test's own children)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    child = Child(fit_args(data, out))
+    finished = []
+
+    def done() -> Path:
+        if not finished:
+            assert child.finish() == 0, child.output()
+            finished.append(out)
+        return out
+
+    yield done
+    if not finished and child.proc.poll() is None:
+        child.kill()
+
+
+# ----------------------------------------------------------------------------------------------
+# The lock
+
+
+def test_one_writer_per_run_folder(data, tmp_path):
+    run = tmp_path / "run"
+    first = Child(fit_args(data, run), KVAE_TEST_PAUSE_EPOCH="2")
+    assert first.wait_for("kvae test: paused in epoch 2"), first.output()
+    assert (run / ".kvae-lock").read_text().split()[0] == str(first.pid)  # the pid, for people
+    before = snapshot(run)
+
+    others = {
+        "a second fit": fit_args(data, run),
+        "a second --resume": fit_args(data, run, "--resume"),
+        "an export": ["export/to_onnx.py", run, "--quantize", "none"],
+        "an evaluation": ["-m", "kvae.evaluate", run, "--k", "2"],
+    }
+    children = {what: Child(args) for what, args in others.items()}  # all at once, while it trains
+    for what, child in children.items():
+        assert child.finish() == 2, f"{what}:\n{child.output()}"
+        [line] = child.errors()
+        assert f"{run} is in use: pid {first.pid} (kvae.fit) is writing it" in line, (what, line)
+    assert snapshot(run) == before  # nothing written by the refused ones
+    assert not (run / "export").exists()
+
+    # SIGKILL: the OS drops the lock; the file it leaves is not a stale lock
+    first.kill()
+    assert (run / ".kvae-lock").exists()
+    resumed = Child(fit_args(data, run, "--resume"))
+    assert resumed.finish() == 0, resumed.output()
+    assert resumed.wait_for(f"resuming {run} after epoch 1")
+    assert history_epochs(run) == list(range(1, EPOCHS + 1))
+    assert not (run / ".kvae-lock").exists() and not list(run.rglob(".tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM during a fit
+
+
+@pytest.mark.parametrize("signum, when", [
+    (signal.SIGINT, "paused after the first step of epoch 3"),
+    (signal.SIGTERM, "as soon as epoch 2 began (in its steps)"),
+])
+def test_interrupted_fit_stops_politely_and_resumes(data, reference, tmp_path, signum, when):
+    run, snapshots = tmp_path / "run", tmp_path / "snapshots"
+    snapshots.mkdir()
+    if signum == signal.SIGINT:
+        child = Child(fit_args(data, run), KVAE_TEST_PAUSE_EPOCH="3", KVAE_TEST_SNAPSHOTS=str(snapshots))
+        assert child.wait_for("kvae test: paused in epoch 3"), child.output()
+    else:
+        child = Child(fit_args(data, run), KVAE_TEST_SNAPSHOTS=str(snapshots))
+        assert child.wait_for(f"Epoch 2/{EPOCHS}"), child.output()
+    child.signal(signum)
+    assert child.finish() == 128 + signum, child.output()
+    [line] = child.errors()
+    match = re.fullmatch(rf"kvae\.fit: interrupted after epoch (\d) of {EPOCHS}; continue with "
+                         rf"python -m kvae\.fit --resume --out (\S+)", line)
+    assert match and match.group(2) == str(run), line
+    done = int(match.group(1))
+    if signum == signal.SIGINT:
+        assert done == 2
+    assert 1 <= done < EPOCHS, f"{when}: the signal came too late to test anything:\n{child.output()}"
+    assert json.loads((run / "state" / "progress.json").read_text())["epochs_done"] == done
+    # exactly as after epoch `done`: every file (but the TensorBoard logs) as it was then
+    assert snapshot(run) == json.loads((snapshots / f"after-{done}.json").read_text())
+    assert not (run / ".kvae-lock").exists()
+
+    resumed = Child(fit_args(data, run, "--resume"))
+    assert resumed.finish() == 0, resumed.output()
+    assert history_epochs(run) == list(range(1, EPOCHS + 1))  # every epoch exactly once
+    assert_same_weights(run, reference())
+
+
+# ----------------------------------------------------------------------------------------------
+# Exports
+
+
+def test_exports_wait_for_each_other_refuse_a_fit_and_stop_cleanly(reference, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference(), run, ignore=shutil.ignore_patterns("logs"))
+    export = run / "export"
+    first = Child(["export/to_onnx.py", run, "--quantize", "none"], KVAE_TEST_PAUSE_AT="*.onnx:1")
+    paused = first.wait_for("PAUSED ")
+    assert paused, first.output()
+    half_written = Path(paused.split("PAUSED ", 1)[1])
+    assert half_written.is_file() and not (export / half_written.name.split("-")[-1]).exists()
+
+    for args in (["-m", "kvae.fit", "--resume", "--out", run], ["-m", "kvae.evaluate", run, "--k", "2"]):
+        refused = Child(args)
+        assert refused.finish() == 2, refused.output()
+        [line] = refused.errors()
+        assert f"{run} is in use: pid {first.pid} (export/to_onnx.py) is writing it" in line, line
+    second = Child(["export/to_tflite.py", run, "--quantize", "none"])
+    assert second.wait_for(f"waiting for the export that pid {first.pid} (export/to_onnx.py) runs"), \
+        second.output()
+
+    first.signal(signal.SIGTERM)
+    assert first.finish() == 143, first.output()
+    [line] = first.errors()
+    assert line.startswith("export/to_onnx.py: interrupted; the files under final names in"), line
+    assert not half_written.exists()
+    assert not list(export.glob("*.onnx")), "a file that never passed its self-check has a final name"
+
+    assert second.finish() == 0, second.output()  # it ran once the first had ended
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["decoder.tflite", "encoder.tflite"]
+    assert not list(export.glob(".tmp-*")) and not (run / ".kvae-lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged resume state
+
+
+def test_resume_falls_back_from_a_truncated_latest_checkpoint(reference, tmp_path):
+    source = reference()
+    kept = sorted(p.name for p in (source / "state").iterdir())
+    assert {f"epoch-{e:04d}.{ext}" for e in (EPOCHS - 1, EPOCHS) for ext in ("json", "weights.h5")} \
+        <= set(kept) and len([k for k in kept if k.endswith(".json")]) == 3, kept  # 2 records + progress
+
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    truncate(run / "state" / f"epoch-{EPOCHS:04d}.weights.h5")
+    resumed = Child(["-m", "kvae.fit", "--resume", "--out", run])
+    assert resumed.finish() == 0, resumed.output()
+    assert resumed.wait_for(f"state/epoch-{EPOCHS:04d}.weights.h5 is damaged (truncated or changed"), \
+        resumed.output()
+    assert resumed.wait_for(f"resuming from the newest intact checkpoint: epoch {EPOCHS - 1}")
+    assert resumed.wait_for(f"Epoch {EPOCHS}/{EPOCHS}")  # trained again
+    assert history_epochs(run) == list(range(1, EPOCHS + 1))
+    assert_same_weights(run, source)
+
+
+@pytest.mark.parametrize("case", ["progress.json", "latest two weights", "every record"])
+def test_resume_with_damaged_state(reference, tmp_path, capsys, case):
+    from kvae.fit import main
+
+    run = tmp_path / "run"
+    shutil.copytree(reference(), run, ignore=shutil.ignore_patterns("logs"))
+    state = run / "state"
+    if case == "progress.json":
+        truncate(state / "progress.json")
+    elif case == "latest two weights":
+        for epoch in (EPOCHS - 1, EPOCHS):
+            truncate(state / f"epoch-{epoch:04d}.weights.h5")
+    else:
+        for path in state.glob("*.json"):
+            truncate(path)
+    before = snapshot(run)
+    if case == "progress.json":  # the checkpoint records still name epoch 4
+        main(["--resume", "--out", str(run)])
+        out = capsys.readouterr().out
+        assert "state/progress.json is damaged (truncated or unreadable" in out, out
+        assert f"resuming from the newest intact checkpoint: epoch {EPOCHS}" in out
+        assert f"already finished {EPOCHS} epochs" in out
+        assert json.loads((state / "progress.json").read_text())["epochs_done"] == EPOCHS
+        assert history_epochs(run) == list(range(1, EPOCHS + 1))
+        return
+    with pytest.raises(SystemExit) as e:
+        main(["--resume", "--out", str(run)])
+    assert e.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"kvae.fit: error: --resume: the resume state in {state} is damaged: "), line
+    assert "is damaged" in line and "start it again" in line
+    if case == "latest two weights":
+        assert f"epoch-{EPOCHS:04d}.weights.h5 is damaged" in line
+    after = snapshot(run)
+    assert after.pop("config.json") and before.pop("config.json")  # its "out" is now this copy
+    assert after == before  # nothing trained, nothing rewritten
