@@ -46,14 +46,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from kvae.contract import FORMATS, HALVES, INPUT, PRECISIONS, filename  # noqa: E402
 from kvae.errors import KVAEError, cli_errors  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))  # bench/machine.py, also when loaded by path
 import machine  # noqa: E402
 
-HALVES = ("encoder", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8")
-FORMATS = ("tflite", "onnx")
-INPUT = {"encoder": "x", "decoder": "z"}
 WARMUP = 3  # calls before timing (allocation, XNNPACK weight packing, tf.function tracing)
 GOALS = {"speedup": 50.0, "int8_size": 0.30, "int8_nll": 0.25, "fp16_nll": 0.02}
 
@@ -88,11 +85,6 @@ def log(message: str = "") -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Export first when files are missing
-
-
-def filename(half: str, precision: str, fmt: str) -> str:
-    """decoder.tflite, decoder.int8.onnx, ... (the export contract)."""
-    return f"{half}.{fmt}" if precision == "fp32" else f"{half}.{precision}.{fmt}"
 
 
 def export_paths(run: Path) -> dict[str, Path]:

@@ -10,7 +10,6 @@ the fixed `batch1` signature; onnxruntime), 1 thread, best of 5 rounds.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from kvae import contract  # noqa: E402
 from kvae.errors import ArgumentParser, KVAEError, cli_errors  # noqa: E402
 
 ORDER = {"encoder": 0, "decoder": 1, "tflite": 0, "onnx": 1, "fp32": 0, "fp16": 1, "int8": 2}
@@ -27,12 +27,13 @@ ORDER = {"encoder": 0, "decoder": 1, "tflite": 0, "onnx": 1, "fp32": 0, "fp16": 
 
 def read_manifest(folder: Path) -> dict:
     """RUN or RUN/export -> the manifest dict."""
-    for path in (folder / "export" / "manifest.json", folder / "manifest.json"):
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise KVAEError(f"cannot read {path}: {e}") from None
+    for path in (folder / "export", folder):
+        try:
+            manifest = contract.read_manifest(path)
+        except ValueError as e:
+            raise KVAEError(str(e)) from None
+        if manifest:
+            return manifest
     raise KVAEError(f"no manifest.json in {folder}/export or {folder}: export the run first "
                     f"(python export/to_tflite.py {folder}; python export/to_onnx.py {folder})")
 

@@ -27,12 +27,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from kvae import contract
 from kvae.errors import ArgumentParser, KVAEError, cli_errors
 
 APP_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"  # the web app, next to kvae/
 ORT_DIST = Path("node_modules") / "onnxruntime-web" / "dist"  # inside the app folder
 ORT_ENTRY = "ort.wasm.min.mjs"  # the module app.js imports (WebAssembly backend only)
-REQUIRED_EXPORTS = ("manifest.json", "encoder.onnx", "decoder.onnx")
+REQUIRED_EXPORTS = (contract.MANIFEST, *(contract.filename(h, "fp32", "onnx") for h in contract.HALVES))
 
 # Explicit types: Python's `mimetypes` reads the OS tables, which may lack .wasm/.mjs/.onnx, and
 # browsers refuse to compile wasm streamed as anything but application/wasm.

@@ -27,7 +27,6 @@ from kvae.errors import ArgumentParser, KVAEError, cli_errors, signals_interrupt
 from kvae.files import atomic_write_text
 from kvae.runlock import run_lock
 
-LOG_2PI = math.log(2 * math.pi)
 
 
 def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
@@ -50,7 +49,7 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
     from keras import ops
 
     from kvae.model import reconstruction_nll
-    from kvae.runtime import logsumexp
+    from kvae.iwae import log_prior_over_q, logsumexp
 
     pixels = int(np.prod(x.shape[1:]))
     batch_size = max(1, min(batch_size, len(x)))
@@ -84,11 +83,9 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
             s = min(chunk, k - c_start)
             # eps from numpy, keyed by (seed, batch, chunk): the same draws on every backend
             eps = np.random.default_rng([seed, b_index, c_index]).standard_normal((s, *loc.shape))
-            z = loc + scale * eps  # (s, B, D)
-            log_q = np.sum(-0.5 * eps**2 - np.log(scale) - 0.5 * LOG_2PI, -1)
-            log_prior = np.sum(-0.5 * z**2 - 0.5 * LOG_2PI, -1)
+            z, log_ratio = log_prior_over_q(loc, scale, eps)  # (s, B, D), (s, B)
             lp = ops.convert_to_numpy(log_px(xb, z.astype(np.float32))).astype(np.float64)
-            lse = np.logaddexp(lse, logsumexp(lp + log_prior - log_q))
+            lse = np.logaddexp(lse, logsumexp(lp + log_ratio))
             rec -= lp.sum(0)
         out["nll"].append(-(lse - math.log(k)))
         out["reconstruction"].append(rec / k)

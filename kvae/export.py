@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -65,15 +64,13 @@ from typing import Callable
 
 import numpy as np
 
+from kvae import iwae
+from kvae.contract import (HALVES, INPUT, OUTPUTS, PRECISIONS, QUANTIZED, add_tflite_metadata,  # noqa: F401
+                           filename, set_onnx_metadata, sha256, tflite_metadata, update_manifest)
 from kvae.errors import KVAEError, describe_os_error
 from kvae.files import atomic_path, atomic_write_text, remove_stale_temps
 
-HALVES = ("encoder", "decoder")
-PRECISIONS = ("fp32", "fp16", "int8")
-QUANTIZED = ("fp16", "int8")
 OPSET = 17
-INPUT = {"encoder": "x", "decoder": "z"}
-OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
 PIXEL_RANGE = "[0, 1]"
 INT8_METHODS = ("best", "static", "dynamic")
 FIXED_BATCHES = (1,)  # TFLite fast-path signatures `batch<N>` next to the dynamic serving_default
@@ -102,7 +99,6 @@ NLL_N = 200  # validation images for nll_delta
 NLL_K = 50  # importance samples per image for nll_delta
 CALIBRATION_N = 200  # training images (and z) for int8 calibration
 NLL_SEED = 0  # seeds the checks' z (NLL_SEED) and nll_delta's eps (NLL_SEED + 1), shared by all variants
-LOG_2PI = math.log(2 * math.pi)
 
 
 def log(message: str) -> None:
@@ -149,6 +145,7 @@ class Run:
     loc_select: np.ndarray
     scale_select: np.ndarray
     eps_select: np.ndarray
+    select_source: str = "training images not used for calibration"
     _nll_fp32: dict = dataclasses.field(default_factory=dict)
     _keras_decode: Callable | None = None
 
@@ -200,7 +197,7 @@ class Run:
     def nll_fp32(self, images: str = "held_out") -> np.ndarray:
         """Per-image NLL with the float32 Keras decoder on `images` (computed once)."""
         if images not in self._nll_fp32:
-            self._nll_fp32[images] = iwae_nll(*self.nll_images(images), self.keras_decode(),
+            self._nll_fp32[images] = iwae.nll(*self.nll_images(images), self.keras_decode(),
                                               self.likelihood, self.sigma)
         return self._nll_fp32[images]
 
@@ -270,65 +267,20 @@ def load_run(run: str | Path) -> Run:
     eps_nll = np.random.default_rng(NLL_SEED + 1).standard_normal(
         (NLL_K, len(x_nll), latent_dim)).astype(np.float32)
     x_select = data.x_train[CALIBRATION_N:CALIBRATION_N + NLL_N]
+    select_source = "training images not used for calibration"
     if len(x_select) < 2:  # a tiny training set: its calibration images are all there is
-        x_select = data.x_train[:NLL_N]
+        x_select, select_source = data.x_train[:NLL_N], "training images (also the calibration ones)"
     x_select = kdata.binarize_fixed(np.asarray(x_select), mode, seed=kdata.EVAL_SEED + 2)
     loc_select, scale_select = (np.asarray(t) for t in encoder(x_select, training=False))
     eps_select = np.random.default_rng(NLL_SEED + 2).standard_normal(
         (NLL_K, len(x_select), latent_dim)).astype(np.float32)
     return Run(run, config, encoder, decoder, x_parity, z_parity, x_nll, loc_nll, scale_nll,
                eps_nll, x_calibration, z_calibration, config.dataset, x_select, loc_select,
-               scale_select, eps_select)
+               scale_select, eps_select, select_source)
 
 
 # ----------------------------------------------------------------------------------------------
 # Held-out NLL with paired samples
-
-
-def iwae_nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
-             decode: Callable[[np.ndarray], np.ndarray], likelihood: str = "bernoulli",
-             sigma: float = 0.1, chunk: int = 2048) -> np.ndarray:
-    """Per-image importance-weighted -log P(X) (Burda et al. 2015), in nats, in numpy.
-
-    log P(X) ~= logsumexp_i [log P(X|z_i) + log P(z_i) - log Q(z_i|X)] - log k,
-    z_i = loc + scale * eps_i. Passing the same loc, scale and eps for every decoder makes the
-    difference between two decoders a paired estimate (its noise is far below each NLL's).
-
-    Args:
-      x: (N, H, W, C) held-out images in [0, 1] (binarized for a Bernoulli likelihood).
-      loc, scale: (N, D) the posterior Q(z|X) (from the float32 Keras encoder).
-      eps: (k, N, D) standard normal draws.
-      decode: z (B, D) float32 -> x_mean (B, H, W, C), the decoder under test.
-      likelihood: `bernoulli` (x_mean are probabilities, clipped to [1e-7, 1 - 1e-7]) or
-        `gaussian` (N(x; x_mean, sigma^2)).
-      sigma: the Gaussian's standard deviation.
-      chunk: at most this many z per decode call.
-
-    Returns:
-      (N,) float64 NLL per image.
-    """
-    k, n, d = eps.shape
-    loc = loc.astype(np.float64)
-    scale = scale.astype(np.float64)
-    z = (loc + scale * eps).astype(np.float32)  # (k, N, D)
-    log_q = np.sum(-0.5 * eps.astype(np.float64) ** 2 - np.log(scale) - 0.5 * LOG_2PI, -1)
-    log_prior = np.sum(-0.5 * z.astype(np.float64) ** 2 - 0.5 * LOG_2PI, -1)
-    log_px = np.empty((k, n))
-    flat = z.reshape(k * n, d)
-    x64 = x.reshape(n, -1).astype(np.float64)
-    for start in range(0, k * n, chunk):
-        rows = np.arange(start, min(start + chunk, k * n))
-        mean = np.asarray(decode(flat[rows]), np.float64).reshape(len(rows), -1)
-        xr = x64[rows % n]
-        if likelihood == "bernoulli":
-            p = np.clip(mean, 1e-7, 1 - 1e-7)
-            lp = np.sum(xr * np.log(p) + (1 - xr) * np.log1p(-p), -1)
-        else:
-            lp = np.sum(-0.5 * ((xr - mean) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI, -1)
-        log_px.reshape(-1)[rows] = lp
-    log_w = log_px + log_prior - log_q  # (k, N)
-    top = log_w.max(0)
-    return -(top + np.log(np.exp(log_w - top).sum(0)) - math.log(k))
 
 
 def keras_decode(decoder) -> Callable[[np.ndarray], np.ndarray]:
@@ -341,7 +293,8 @@ def keras_decode(decoder) -> Callable[[np.ndarray], np.ndarray]:
 
 def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None,
               loc: np.ndarray | None = None, scale: np.ndarray | None = None,
-              what: str = "decoder", images: str = "held_out") -> dict:
+              what: str = "decoder", images: str = "held_out",
+              p_range: tuple[float, float] = iwae.P_FLOAT32) -> dict:
     """Change in NLL when one half is replaced by an exported variant (paired).
 
     A decoder variant is scored with the float32 Keras encoder's (loc, scale); an encoder
@@ -350,21 +303,22 @@ def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None
     Args:
       images: `held_out` (the reported nll_delta) or `selection` (training images that choose
         the int8 method; see Run).
+      p_range: the clip rule for the decoder's probabilities (kvae.iwae.p_range of the file).
 
     Returns:
       {"nll_delta": mean change in nats, "nll": {fp32, variant, delta_se, n, k, inputs}}.
     """
     x, loc0, scale0, eps = run.nll_images(images)
     reference = run.nll_fp32(images)
-    nll = iwae_nll(x, loc0 if loc is None else loc, scale0 if scale is None else scale, eps,
-                   decode or run.keras_decode(), run.likelihood, run.sigma)
+    nll = iwae.nll(x, loc0 if loc is None else loc, scale0 if scale is None else scale, eps,
+                   decode or run.keras_decode(), run.likelihood, run.sigma, p_range)
     diff = nll - reference
     if not np.all(np.isfinite(diff)):
         raise KVAEError(f"NLL with the exported {what} is not finite")
     other = "loc, scale from the float32 Keras encoder" if what == "decoder" else (
         "this encoder's loc, scale as the proposal, the float32 Keras decoder")
     source = (f"validation {run.dataset} images" if images == "held_out" else
-              f"{run.dataset} training images not used for calibration")
+              f"{run.dataset} {run.select_source}")
     seed = NLL_SEED + (1 if images == "held_out" else 2)
     return {"nll_delta": round(float(diff.mean()), 4) + 0.0,  # + 0.0: no "-0.0" in the manifest
             "nll": {"fp32": round(float(reference.mean()), 3), "variant": round(float(nll.mean()), 3),
@@ -376,11 +330,11 @@ def nll_entry(run: Run, decode: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _nll_of_file(run: Run, half: str, runner, batch: int, images: str = "held_out",
-                 signature: str | None = None) -> dict:
+                 signature: str | None = None, p_range: tuple[float, float] = iwae.P_FLOAT32) -> dict:
     """nll_entry for an exported half run by `runner` in batches of `batch` (recorded: a
     dynamically quantized file's output depends on the other rows of its batch)."""
     if half == "decoder":
-        entry = nll_entry(run, _numpy_fn(runner, "z", "x_mean", batch), images=images)
+        entry = nll_entry(run, _numpy_fn(runner, "z", "x_mean", batch), images=images, p_range=p_range)
     else:
         out = _batches(runner, "x", run.nll_images(images)[0], batch)
         entry = nll_entry(run, loc=out["loc"], scale=out["scale"], what="encoder", images=images)
@@ -508,19 +462,6 @@ def parity(half: str, precision: str, reference: dict[str, np.ndarray],
 # Writing, manifest and metadata
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def filename(half: str, precision: str, fmt: str) -> str:
-    """encoder.tflite, decoder.fp16.onnx, ... (DESIGN.md)."""
-    return f"{half}.{fmt}" if precision == "fp32" else f"{half}.{precision}.{fmt}"
-
-
 def io_spec(run: Run, half: str) -> tuple[list[dict], list[dict]]:
     d, image = run.latent_dim, list(run.image_shape)
     if half == "encoder":
@@ -546,7 +487,7 @@ def preprocessing(run: Run) -> str:
     text = ("x: float32 (batch, H, W, C), channels last, pixel values in [0, 1] (uint8 / 255). ")
     if mode == "dynamic":
         text += ("The model was trained on binarized pixels (each pixel 1 with probability x); "
-                 "held-out checks use x binarized with a fixed seed. ")
+                 "the export's checks use validation x binarized with a fixed seed. ")
     elif mode == "static":
         text += "The model was trained on pixels binarized at 0.5 (x > 0.5). "
     text += ("z: float32 (batch, latent_dim); sample z ~ N(0, I), or z = loc + scale * eps with "
@@ -562,49 +503,6 @@ def manifest_header(run: Run) -> dict:
             "image_shape": list(run.image_shape), "likelihood": run.likelihood, "sigma": run.sigma,
             "preprocessing": preprocessing(run),
             "source": {name: sha256(run.path / name) for name in ("encoder.keras", "decoder.keras")}}
-
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """An exclusive lock on the folder `out` itself: both export scripts may run at once."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
-        yield
-        return
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def update_manifest(out: Path, header: dict, entries: dict[str, dict], removed: tuple = ()) -> dict:
-    """Merges `entries` into out/manifest.json (atomically, under a lock) and returns it.
-
-    Entries of files that no longer exist, or that were exported from other Keras files
-    (another training of this run), are dropped.
-    """
-    out = Path(out)
-    with _locked(out):
-        path = out / "manifest.json"
-        current = {}
-        if path.exists():
-            with contextlib.suppress(json.JSONDecodeError, OSError):
-                current = json.loads(path.read_text())
-        files = current.get("files", {}) if current.get("source") == header["source"] else {}
-        stale = sorted(set(current.get("files", {})) - set(files))
-        if stale:
-            log(f"kvae.export: dropped manifest entries from an older model: {', '.join(stale)} "
-                "(export again to refresh them)")
-        files.update(entries)
-        files = {name: entry for name, entry in sorted(files.items())
-                 if name not in removed and (out / name).exists()}
-        manifest = {**header, "files": files}
-        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 def _entry(path: Path, run: Run, half: str, fmt: str, precision: str, check: dict, **extra) -> dict:
@@ -671,12 +569,12 @@ def _savedmodel(run: Run, half: str, folder: Path, fixed_batches: tuple[int, ...
     return keys
 
 
-def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str],
-                   images: str = "held_out") -> dict:
+def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str], images: str = "held_out",
+                   p_range: tuple[float, float] = iwae.P_FLOAT32) -> dict:
     """_nll_of_file for a .tflite file, row by row through `batch1` when it has one (fastest)."""
     signature = "batch1" if "batch1" in keys else "serving_default"
     return _nll_of_file(run, half, LiteRTRunner(path, signature),
-                        1 if signature == "batch1" else 64, images, signature)
+                        1 if signature == "batch1" else 64, images, signature, p_range)
 
 
 def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibration: np.ndarray,
@@ -690,7 +588,8 @@ def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibra
         data = _tflite_bytes(savedmodel, keys, "int8", calibration, INPUT[half], method)
         path = folder / f"{half}.{method}.tflite"
         path.write_bytes(data)
-        return data, len(data), lambda images: _nll_of_tflite(run, half, path, keys, images)
+        return data, len(data), lambda images: _nll_of_tflite(run, half, path, keys, images,
+                                                              iwae.p_range("int8", method))
 
     data, extra = _best_int8("TFLite", half, int8, build)
     return data, {**extra, "int8_types": INT8_TYPES["tflite", extra["quantization"]]}
@@ -732,39 +631,6 @@ def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration
     except Exception as e:
         raise KVAEError(f"TFLite conversion ({precision}) failed: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[-1][:300]}") from None
-
-
-def add_tflite_metadata(data: bytes, values: dict[str, str]) -> bytes:
-    """Stores `values` as JSON in the flatbuffer's metadata table under the name `kvae`.
-
-    Read it without TensorFlow: `tflite_metadata(path)`.
-    """
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(values, sort_keys=True).encode(), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = "kvae"
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != b"kvae" and m.name != "kvae"]
-    model.metadata.append(entry)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def tflite_metadata(path: str | Path) -> dict[str, str]:
-    """The `kvae` metadata of a .tflite file (TensorFlow-free: ai_edge_litert's schema)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    buf = Path(path).read_bytes()
-    model = schema.Model.GetRootAs(buf, 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == b"kvae":
-            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    return {}
 
 
 def _check_tflite(path: Path, run: Run, half: str, precision: str, keys: list[str], name: str) -> dict:
@@ -1023,7 +889,7 @@ class _Reader:
 # as well as uint8 activations (U8U8) for both methods: with int8 weights (U8S8, and S8S8, which
 # x86 runs as U8S8) onnxruntime's x86 kernels for CPUs with AVX2 or AVX-512 but without VNNI
 # (e.g. AMD Zen 3, Intel Skylake) add pairs of products in saturating 16-bit integers, so such a
-# CPU computes another model than the one checked here (up to 0.7 off in `loc`, seen on a Zen 3);
+# CPU computes another model than the one checked here (issue #13: `loc` 0.7 off on a Zen 3);
 # U8U8 widens to 16 bits first and gives the same integers on every CPU. TFLite's int8 kernels
 # accumulate in 32 bits on every CPU. tests/test_export.py runs the files under an emulated
 # AVX2 CPU without VNNI (qemu-x86_64 -cpu Haswell) and compares.
@@ -1037,7 +903,7 @@ INT8_TYPES = {
 
 
 def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folder: Path):
-    """int8 ONNX (U8U8, see INT8_TYPES): `static` (QDQ, calibrated) or `dynamic` (weights int8,
+    """int8 ONNX (U8U8, see INT8_TYPES): `static` (QDQ, calibrated) or `dynamic` (weights uint8,
     activations at run time)."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
@@ -1060,13 +926,10 @@ def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folde
 
 def _finish_onnx(proto, run: Run, half: str, precision: str, method: str | None = None):
     """Sets metadata_props, producer and doc string on a finished model."""
-    del proto.metadata_props[:]
     values = metadata(run, half, precision)
     if method:
         values["quantization"] = method
-    for key, value in values.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_onnx_metadata(proto, values)
     proto.producer_name = "kvae"
     from kvae import __version__
 
@@ -1161,7 +1024,8 @@ def _onnx_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path,
         path = folder / f"{half}.{method}.checked.onnx"
         data = proto.SerializeToString()
         path.write_bytes(data)
-        return proto, len(data), lambda images: _nll_of_file(run, half, ORTRunner(path), 256, images)
+        return proto, len(data), lambda images: _nll_of_file(run, half, ORTRunner(path), 256, images,
+                                                             p_range=iwae.p_range("int8", method))
 
     proto, extra = _best_int8("ONNX", half, int8, build)
     return proto, {**extra, "int8_types": INT8_TYPES["onnx", extra["quantization"]]}

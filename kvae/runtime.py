@@ -21,25 +21,17 @@ Nothing here imports TensorFlow, and `import kvae.runtime` imports only numpy.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from kvae import contract, iwae
 from kvae.errors import KVAEError
 
-LOG_2PI = math.log(2 * math.pi)
-FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
-SIGNATURES = {"encoder": (("x",), ("loc", "scale")), "decoder": (("z",), ("x_mean",))}
-# float32 rounds a probability within 2^-25 of 1 to exactly 1.0: clip there (see log_likelihood)
-P_MAX = 1.0 - 2.0 ** -25
-P_MIN = float(np.finfo(np.float32).smallest_subnormal)
-# An int8 full-integer decoder's probabilities lie on a grid of 1/256 steps: its 0 stands for any p
-# below half a step, so log P(X|z) clips there (2^-9), not at float32's 2^-149 (-103 nats a pixel)
-P_MIN_INT8 = 2.0 ** -9
+FORMATS = {f".{fmt}": fmt for fmt in contract.FORMATS}
+SIGNATURES = {half: ((contract.INPUT[half],), contract.OUTPUTS[half]) for half in contract.HALVES}
 
 
 class RuntimeInputError(ValueError, KVAEError):
@@ -70,37 +62,24 @@ def resolve(path: str | Path, half: str, format: str | None = None, precision: s
     if not path.is_dir():
         return path
     folder = find_export(path)
-    name = half if precision in (None, "", "fp32") else f"{half}.{precision}"
     formats = [format] if format else ["onnx", "tflite"]
-    for fmt in formats:
-        if (folder / f"{name}.{fmt}").is_file():
-            return folder / f"{name}.{fmt}"
-    wanted = " or ".join(f"{name}.{fmt}" for fmt in formats)
+    names = [contract.filename(half, precision or "fp32", fmt) for fmt in formats]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    wanted = " or ".join(names)
     raise RuntimeInputError(f"{folder} has no {wanted}; export the run first: "
                             "python export/to_onnx.py RUN (or export/to_tflite.py RUN)")
 
 
 def read_manifest(path: Path) -> tuple[dict, dict | None]:
     """manifest.json beside `path` -> (manifest, this file's entry); ({}, None) if there is none."""
-    manifest_path = path.parent / "manifest.json"
-    if not manifest_path.is_file():
-        return {}, None
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as e:
-        raise RuntimeInputError(f"cannot read {manifest_path}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise RuntimeInputError(f"{manifest_path} is not a kvae manifest (not a JSON object)")
+        manifest = contract.read_manifest(path.parent)
+    except ValueError as e:
+        raise RuntimeInputError(str(e)) from None
     entry = (manifest.get("files") or {}).get(path.name)
     return manifest, entry if isinstance(entry, dict) else None
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Session:
@@ -220,17 +199,9 @@ class _Session:
         if self.format == "onnx":
             return self.metadata
         try:
-            from ai_edge_litert import schema_py_generated as schema
-
-            model = schema.Model.GetRootAs(self.path.read_bytes(), 0)
-            for i in range(model.MetadataLength()):
-                entry = model.Metadata(i)
-                if entry.Name() == b"kvae":
-                    values = json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-                    return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+            return contract.tflite_metadata(self.path)
         except Exception:  # no schema module or unreadable metadata: fall back to the shapes
             return {}
-        return {}
 
     @property
     def batches(self) -> list[int | None]:
@@ -376,7 +347,7 @@ def _verify(path: Path, entry: dict | None) -> None:
                                 f"{path.name}")
     if not path.is_file():
         raise RuntimeInputError(f"no such model file: {path}")
-    actual = sha256(path)
+    actual = contract.sha256(path)
     if actual != entry["sha256"]:
         raise RuntimeInputError(f"{path} does not match its manifest (sha256 {actual[:12]}..., "
                                 f"manifest says {entry['sha256'][:12]}...): the file changed or is "
@@ -473,15 +444,10 @@ class Decoder(_Half):
 
     @property
     def p_range(self) -> tuple[float, float]:
-        """The probabilities a Bernoulli log-likelihood clips x_mean to: this file's resolution.
-
-        float32 outputs: [2^-149, 1 - 2^-25]. An int8 file that is not dynamic-range quantized (its
-        output is an int8 grid: steps of 1/256 in TFLite, about that in ONNX QDQ, its scale being
-        calibrated): [2^-9, 1 - 2^-9], half a step.
-        """
-        if self.info.get("precision") == "int8" and self.info.get("quantization") != "dynamic":
-            return P_MIN_INT8, 1.0 - P_MIN_INT8
-        return P_MIN, P_MAX
+        """The probabilities a Bernoulli log-likelihood clips x_mean to: this file's resolution
+        (kvae.iwae's clip rule; an int8 file that is not dynamic-range quantized outputs an
+        int8 grid)."""
+        return iwae.p_range(self.info.get("precision", "fp32"), self.info.get("quantization"))
 
     def sample(self, n: int, seed=None) -> np.ndarray:
         """n images from the prior: z = eps ~ N(0, I) drawn by numpy, then decoded.
@@ -698,15 +664,9 @@ class VAE:
 
             log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i = loc + scale * eps_i
 
-        The sum is a float64 log-sum-exp, accumulated over chunks of samples (memory stays below
-        about `budget` decoded pixels). Bernoulli: log P(X|z) = sum x log p + (1 - x) log(1 - p)
-        from the decoder's float32 probabilities p, p clipped to at least 2^-149 in log p and at
-        most 1 - 2^-25 in log(1 - p) (float32 cannot tell p from 1 above that): identical to the
-        logits formula except where the decoder is so sure of a pixel that float32 rounds p to
-        exactly 0 or 1 and the pixel disagrees, where it is an upper bound. A full-integer int8
-        decoder's p are multiples of about 1/256, so there the clip is half a step, 2^-9
-        (`Decoder.p_range`): its 0 would otherwise cost 103 nats a pixel (several nats per image
-        at k=1 on the test run). Gaussian: N(x; x_mean, sigma^2 I) with the manifest's sigma.
+        kvae.iwae computes it (float64, chunks of at most about `budget` decoded pixels), with its
+        clip rule for Bernoulli probabilities at this decoder's resolution (`Decoder.p_range`).
+        Gaussian: N(x; x_mean, sigma^2 I) with the manifest's sigma.
 
         Args:
           x: images in [0, 1] (binarized for a Bernoulli likelihood) or uint8; see Encoder.encode.
@@ -727,47 +687,13 @@ class VAE:
             raise RuntimeInputError("a Gaussian likelihood needs sigma > 0 (manifest.json or sigma=...)")
         x, single = check_images(x, self.image_shape)
         rng = _rng(seed)
-        pixels = int(np.prod(self.image_shape))
-        rows = max(1, budget // pixels)  # decoded images per step
+        rows = max(1, budget // int(np.prod(self.image_shape)))  # decoded images per call
         out = np.empty(len(x), np.float64)
         batch = max(1, min(len(x), rows, 100))
         for start in range(0, len(x), batch):
-            xb = x[start:start + batch].astype(np.float64)  # (B, H, W, C)
-            loc, scale = self.encoder.encode(xb.astype(np.float32))
-            loc, scale = loc.astype(np.float64), scale.astype(np.float64)
-            b = len(xb)
-            samples = max(1, min(k, rows // b))
-            lse = np.full(b, -np.inf)
-            for s_start in range(0, k, samples):
-                s = min(samples, k - s_start)
-                eps = rng.standard_normal((s, b, self.latent_dim))
-                z = loc + scale * eps  # (s, B, D)
-                log_q = np.sum(-0.5 * eps ** 2 - np.log(scale) - 0.5 * LOG_2PI, -1)
-                log_prior = np.sum(-0.5 * z ** 2 - 0.5 * LOG_2PI, -1)
-                x_mean = self.decoder.decode(z.reshape(-1, self.latent_dim).astype(np.float32))
-                x_mean = x_mean.reshape(s, b, -1).astype(np.float64)
-                log_px = _log_px(xb.reshape(1, b, -1), x_mean, likelihood, sigma,  # (s, B)
-                                 self.decoder.p_range)
-                lse = np.logaddexp(lse, logsumexp(log_px + log_prior - log_q))
-            out[start:start + b] = lse - math.log(k)
+            xb = x[start:start + batch]
+            loc, scale = self.encoder.encode(xb)
+            eps = rng.standard_normal((k, len(xb), self.latent_dim))  # the stream chunk by chunk
+            out[start:start + len(xb)] = -iwae.nll(xb, loc, scale, eps, self.decoder.decode, likelihood,
+                                                   sigma, self.decoder.p_range, chunk=rows)
         return float(out[0]) if single else out
-
-
-def logsumexp(a: np.ndarray) -> np.ndarray:
-    """log sum exp over axis 0, stable."""
-    m = np.max(a, axis=0)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    return m_safe + np.log(np.sum(np.exp(a - m_safe), axis=0))
-
-
-def _log_px(x: np.ndarray, x_mean: np.ndarray, likelihood: str, sigma: float | None,
-            p_range: tuple[float, float] = (P_MIN, P_MAX)) -> np.ndarray:
-    """log P(X|z) summed over pixels: x (1, B, P), x_mean (s, B, P) -> (s, B).
-
-    Bernoulli: p is clipped only in the term that needs it: at least p_range[0] in log p, at most
-    p_range[1] in log(1 - p).
-    """
-    if likelihood == "bernoulli":
-        lo, hi = p_range
-        return np.sum(x * np.log(np.maximum(x_mean, lo)) + (1 - x) * np.log1p(-np.minimum(x_mean, hi)), -1)
-    return np.sum(-0.5 * ((x - x_mean) / sigma) ** 2 - math.log(sigma) - 0.5 * LOG_2PI, -1)

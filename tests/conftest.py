@@ -48,12 +48,12 @@ def exported_run(trained_run):
     def export_all(arch: str = "conv", **overrides) -> Path:
         import json
 
-        from kvae import export
+        from kvae import contract, export
 
         run = trained_run(arch, **overrides)
         manifest = run / "export" / "manifest.json"
         for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
-            names = {export.filename(h, p, fmt) for h in export.HALVES for p in export.PRECISIONS}
+            names = {contract.filename(h, p, fmt) for h in contract.HALVES for p in contract.PRECISIONS}
             listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
             if not all(n in listed and (run / "export" / n).exists() for n in names):
                 export_fn(export.load_run(run))

@@ -1,0 +1,156 @@
+"""The exported-file contract: what kvae.export writes and kvae.runtime, export/report.py,
+bench/latency.py, the demo and the tests read. numpy and json only (no TensorFlow).
+
+RUN/export/ holds `<half>[.<precision>].<format>` files (`filename`) and `manifest.json`, one
+entry per file (format, precision, sha256, size, I/O names and shapes, parity against Keras,
+the NLL change of quantized files) under a header (latent_dim, image_shape, likelihood, sigma,
+preprocessing, the sha256 of the Keras files they came from). Signatures, the same in both formats:
+
+    encoder  x (batch, H, W, C) float32 in [0, 1]  ->  loc, scale (batch, latent_dim) float32
+    decoder  z (batch, latent_dim) float32         ->  x_mean (batch, H, W, C) float32
+
+Every file also carries key/value metadata (`metadata` below): ONNX `metadata_props`, and in a
+.tflite file a JSON entry named `kvae` in the flatbuffer's metadata table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from kvae.files import atomic_write_text
+
+HALVES = ("encoder", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8")
+QUANTIZED = ("fp16", "int8")
+FORMATS = ("tflite", "onnx")
+INPUT = {"encoder": "x", "decoder": "z"}
+OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
+MANIFEST = "manifest.json"
+TFLITE_METADATA = "kvae"  # the name of kvae's entry in a .tflite file's metadata table
+_TFLITE_IDENTIFIER = b"TFL3"
+
+
+def filename(half: str, precision: str, fmt: str) -> str:
+    """encoder.tflite, decoder.fp16.onnx, ..."""
+    return f"{half}.{fmt}" if precision == "fp32" else f"{half}.{precision}.{fmt}"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """folder/manifest.json as a dict; {} where there is none.
+
+    Raises:
+      ValueError: it exists but cannot be read or is not a JSON object (the message says which).
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a kvae manifest (not a JSON object)")
+    return manifest
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """An exclusive lock on the folder `out` itself: both export scripts may run at once."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def update_manifest(out: str | Path, header: dict, entries: dict[str, dict], removed: tuple = ()) -> dict:
+    """Merges `entries` into out/manifest.json (atomically, under a lock) and returns it.
+
+    Entries of files that no longer exist, or that were exported from other Keras files
+    (another training of this run: header["source"] differs), are dropped.
+    """
+    out = Path(out)
+    with _locked(out):
+        current = {}
+        with contextlib.suppress(ValueError):
+            current = read_manifest(out)
+        files = current.get("files", {}) if current.get("source") == header["source"] else {}
+        stale = sorted(set(current.get("files", {})) - set(files))
+        if stale:
+            print(f"kvae.export: dropped manifest entries from an older model: {', '.join(stale)} "
+                  "(export again to refresh them)", flush=True)
+        files.update(entries)
+        files = {name: entry for name, entry in sorted(files.items())
+                 if name not in removed and (out / name).exists()}
+        manifest = {**header, "files": files}
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def add_tflite_metadata(data: bytes, values: dict[str, str]) -> bytes:
+    """Stores `values` as JSON in a .tflite flatbuffer's metadata table under the name `kvae`."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as schema
+    import flatbuffers
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(values, sort_keys=True).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = TFLITE_METADATA
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name not in (b"kvae", "kvae")]
+    model.metadata.append(entry)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=_TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def tflite_metadata(path: str | Path) -> dict[str, str]:
+    """The `kvae` metadata of a .tflite file ({} where there is none)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == TFLITE_METADATA.encode():
+            values = json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+            return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else {}
+    return {}
+
+
+def onnx_metadata(proto) -> dict[str, str]:
+    """The metadata_props of an onnx.ModelProto (or of an onnxruntime session's modelmeta)."""
+    props = getattr(proto, "custom_metadata_map", None)
+    if props is not None:
+        return dict(props)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def set_onnx_metadata(proto, values: dict[str, str]):
+    """Replaces an onnx.ModelProto's metadata_props with `values`; returns the proto."""
+    del proto.metadata_props[:]
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto

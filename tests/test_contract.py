@@ -1,0 +1,83 @@
+"""kvae.contract, the one home of the exported-file contract: names, manifest, metadata."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvae import contract
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_file_names():
+    assert contract.filename("encoder", "fp32", "onnx") == "encoder.onnx"
+    assert contract.filename("decoder", "int8", "tflite") == "decoder.int8.tflite"
+    names = {contract.filename(h, p, f) for h in contract.HALVES for p in contract.PRECISIONS
+             for f in contract.FORMATS}
+    assert len(names) == 12
+
+
+def test_everyone_uses_the_one_contract():
+    """No second copy: the exporter, the runtime, the report and the benchmark take these names."""
+    import kvae.demo
+    import kvae.export
+    import kvae.runtime
+
+    for name in ("HALVES", "PRECISIONS", "QUANTIZED", "INPUT", "OUTPUTS", "filename", "sha256",
+                 "update_manifest", "tflite_metadata", "add_tflite_metadata"):
+        assert getattr(kvae.export, name) is getattr(contract, name), name
+    assert kvae.runtime.SIGNATURES == {h: ((contract.INPUT[h],), contract.OUTPUTS[h]) for h in contract.HALVES}
+    assert not hasattr(kvae.runtime, "sha256")
+    assert "manifest.json" in kvae.demo.REQUIRED_EXPORTS
+    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
+    latency = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = latency  # its dataclasses look their module up there
+    spec.loader.exec_module(latency)
+    assert latency.filename is contract.filename and latency.HALVES is contract.HALVES
+
+
+def test_read_manifest(tmp_path):
+    assert contract.read_manifest(tmp_path) == {}
+    (tmp_path / "manifest.json").write_text('{"files": {}}')
+    assert contract.read_manifest(tmp_path) == {"files": {}}
+    (tmp_path / "manifest.json").write_text('{"files": ')
+    with pytest.raises(ValueError, match=r"cannot read .*manifest\.json"):
+        contract.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        contract.read_manifest(tmp_path)
+
+
+def test_onnx_metadata_round_trip():
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["z"], ["x_mean"])], "g",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("x_mean", TensorProto.FLOAT, [1, 2])])
+    proto = helper.make_model(graph)
+    proto.metadata_props.add(key="old", value="gone")
+    contract.set_onnx_metadata(proto, {"half": "decoder", "latent_dim": "2"})
+    assert contract.onnx_metadata(onnx.ModelProto.FromString(proto.SerializeToString())) == \
+        {"half": "decoder", "latent_dim": "2"}
+
+
+def test_sha256(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"kvae")
+    import hashlib
+
+    assert contract.sha256(path) == hashlib.sha256(b"kvae").hexdigest()
+
+
+def test_manifest_entries_of_an_older_model_are_dropped(tmp_path, capsys):
+    (tmp_path / "a.onnx").write_bytes(b"a")
+    contract.update_manifest(tmp_path, {"source": {"x": "1"}}, {"a.onnx": {"n": 1}})
+    merged = contract.update_manifest(tmp_path, {"source": {"x": "2"}}, {})
+    assert merged["files"] == {} and "dropped manifest entries from an older model: a.onnx" in capsys.readouterr().out
+    assert json.loads((tmp_path / "manifest.json").read_text()) == merged
