@@ -3,8 +3,9 @@
 The GPU check (run it through bench/gpu_check.sh, which installs what it needs offline). Trains
 kvae on the embedded mnist-5k with the JAX backend, float32 and then mixed precision, and reports
 training samples/second (epochs after the first, which compiles); then checks the result: the
-saved vae.keras / encoder.keras / decoder.keras reload and compute what the trained model still in
-memory computes (so a save that wrote the wrong weights fails), and the held-out -log P(X) (IWAE,
+saved vae.keras / encoder.keras / decoder.keras reload and compute what the model still in memory
+computes (the best epoch's weights, which fit restores into it before saving: a save that wrote
+other weights fails, a wrong checkpoint would not), and the validation -log P(X) (IWAE,
 k=100) is finite and learning. With TensorFlow present it also exports both halves to ONNX and
 checks onnxruntime against the trained model.
 

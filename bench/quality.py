@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from kvae import data as kdata
 from kvae.config import add_config_flags, config_from_args
 from kvae.evaluate import iwae_nll, summarize
 from kvae.fit import fit
-import sys
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
 import machine  # noqa: E402
 

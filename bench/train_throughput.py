@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from kvae import data as kdata
 from kvae import fit as kvae_fit
 from kvae.config import Config
 from kvae.model import build_decoder_net, build_encoder, build_vae
-import sys
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
 import machine  # noqa: E402
 
@@ -157,7 +157,7 @@ def main() -> None:
     d = kdata.load("mnist-5k")
     x = kdata.binarize_fixed(d.x_train, "static")  # the same binary images for both
     gpus = kvae_fit.accelerators()
-    device = "GPU: " + ", ".join(gpus) if gpus else f"CPU ({platform.processor() or platform.machine()})"
+    device = "GPU: " + ", ".join(gpus) if gpus else f"CPU ({machine.cpu_model()})"
     print(f"device {device}", flush=True)
     runs = {"reference": [], "kvae": []}
     ran = {"reference": [], "kvae": []}

@@ -31,7 +31,7 @@ class Config:
     # Data
     dataset: str = "mnist-5k"  # mnist-5k (embedded), a TFDS name, an image folder or an .npz file
     data_dir: str | None = None  # TFDS data directory (pre-downloaded data lives here)
-    val_size: int = 500  # held-out examples (a fixed split; never trained on)
+    val_size: int = 500  # validation examples (a fixed split; never trained on; picks the best epoch)
     binarize: str = "auto"  # dynamic | static | none; auto = dynamic for bernoulli, none for gaussian
     image_size: int | None = None  # center-crop to a square, resize to N x N (celeb_a: 64); default: as stored
     cache: str = "none"  # cache decoded streamed images (folders, big TFDS): none | memory | PATH prefix
