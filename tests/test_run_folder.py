@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -314,13 +315,17 @@ def test_interrupted_fit_stops_politely_and_resumes(data, reference, tmp_path, s
     else:
         child = Child(fit_args(data, run), KVAE_TEST_SNAPSHOTS=str(snapshots))
         assert child.wait_for(f"Epoch 2/{EPOCHS}"), child.output()
+    sent = time.monotonic()
     child.signal(signum)
     assert child.finish() == 128 + signum, child.output()
+    seconds = time.monotonic() - sent
     [line] = child.errors()
     match = re.fullmatch(rf"kvae\.fit: interrupted after epoch (\d) of {EPOCHS}; continue with "
                          rf"python -m kvae\.fit --resume --out (\S+)", line)
     assert match and match.group(2) == str(run), line
     done = int(match.group(1))
+    print(f"{signal.Signals(signum).name} {when}: stopped after epoch {done}, exited {seconds:.1f} s "
+          "after the signal")
     if signum == signal.SIGINT:
         assert done == 2
     assert 1 <= done < EPOCHS, f"{when}: the signal came too late to test anything:\n{child.output()}"
@@ -333,6 +338,33 @@ def test_interrupted_fit_stops_politely_and_resumes(data, reference, tmp_path, s
     assert resumed.finish() == 0, resumed.output()
     assert history_epochs(run) == list(range(1, EPOCHS + 1))  # every epoch exactly once
     assert_same_weights(run, reference())
+
+
+def test_a_signal_during_an_epoch_commit_waits_for_the_commit(tmp_path):
+    """SIGTERM arriving while an epoch's weights are being written: the commit finishes (record,
+    history, progress.json), then the interruption comes (a real signal, sent to this process)."""
+    from kvae.callbacks import RunState
+    from kvae.config import Config
+    from kvae.errors import Interrupted, signals_interrupt
+
+    class Model:  # what RunState touches of a VAE
+        stop_training = False
+
+        def save_weights(self, path):
+            os.kill(os.getpid(), signal.SIGTERM)  # mid-write
+            Path(path).write_bytes(b"weights")
+
+    state = RunState(tmp_path, Config())
+    state.set_model(Model())
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as e, signals_interrupt():
+        state.on_epoch_end(0, {"loss": 1.0, "val_loss": 2.0})
+    assert e.value.signum == signal.SIGTERM
+    assert json.loads((tmp_path / "state" / "progress.json").read_text())["epochs_done"] == 1
+    assert json.loads((tmp_path / "state" / "epoch-0001.json").read_text())["weights"] == {
+        "epoch-0001.weights.h5": hashlib.sha256(b"weights").hexdigest()}
+    assert history_epochs(tmp_path) == [1]
+    assert signal.getsignal(signal.SIGTERM) == before  # put back
 
 
 # ----------------------------------------------------------------------------------------------
