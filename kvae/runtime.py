@@ -507,8 +507,15 @@ def draw_eps(seed, shape) -> np.ndarray:
 def _rng(seed) -> np.random.Generator:
     try:
         return np.random.default_rng(seed)
-    except (TypeError, ValueError) as e:
-        raise RuntimeInputError(f"seed must be a non-negative integer or a numpy Generator: {e}") from None
+    except (TypeError, ValueError):  # numpy's message may quote the seed itself, newlines and all
+        raise RuntimeInputError("seed must be a non-negative integer or a numpy Generator, got "
+                                f"{_first_line_repr(seed)}") from None
+
+
+def _first_line_repr(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: one line (repr escapes newlines) for any input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _array(value, what: str) -> np.ndarray:
