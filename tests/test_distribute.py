@@ -100,9 +100,10 @@ def run_workers(args: list[str], cwd: Path, attempts: int = 5) -> list[tuple[int
                                   env=worker_env(workers, index), stdout=out, stderr=err, text=True)
                  for index, (out, err) in enumerate(logs)]
         deadline = time.monotonic() + 900  # a safety net only: a hung cluster fails, never a slow one
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.returncode for p in procs):
-                break  # one worker failed: the other would wait for it forever
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]  # every worker, each time
+            if None not in codes or any(codes):  # all done, or one failed: the other would wait forever
+                break
             time.sleep(0.2)
         for p in procs:
             if p.poll() is None:
