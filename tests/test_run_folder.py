@@ -235,7 +235,7 @@ def truncate(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    """500 real MNIST digits (436 train / 64 validation): 7 steps an epoch."""
+    """500 real MNIST digits (436 train / 64 validation): 6 steps an epoch."""
     from kvae.data import _mnist_5k
 
     x, _ = _mnist_5k()
