@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from kvae.files import atomic_write_text
+from kvae.files import atomic_write_text, read_json_object
 
 HALVES = ("encoder", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -53,16 +53,7 @@ def read_manifest(folder: str | Path) -> dict:
     Raises:
       ValueError: it exists but cannot be read or is not a JSON object (the message says which).
     """
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path} is not a kvae manifest (not a JSON object)")
-    return manifest
+    return read_json_object(Path(folder) / MANIFEST)
 
 
 @contextlib.contextmanager

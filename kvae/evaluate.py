@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kvae.errors import ArgumentParser, KVAEError, cli_errors, signals_interrupt
-from kvae.files import atomic_write_text
+from kvae.files import atomic_write_text, read_json_object
 from kvae.runlock import run_lock
 
 
@@ -218,16 +218,10 @@ def _load(path: Path, loader):
 
 def read_metrics(run: Path) -> dict:
     """RUN/metrics.json as a dict ({} if there is none)."""
-    path = Path(run) / "metrics.json"
-    if not path.exists():
-        return {}
     try:
-        values = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise KVAEError(f"cannot read {path}: {e} (fix it or delete it)") from None
-    if not isinstance(values, dict):
-        raise KVAEError(f"{path} is not a JSON object (fix it or delete it)")
-    return values
+        return read_json_object(Path(run) / "metrics.json")
+    except ValueError as e:
+        raise KVAEError(f"{e} (fix it or delete it)") from None
 
 
 def merge_metrics(run: Path, values: dict) -> None:

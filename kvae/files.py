@@ -8,6 +8,7 @@ half of one. What a killed writer leaves is a hidden `.tmp-<pid>-*` file, which
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -36,6 +37,24 @@ def atomic_path(path: str | Path):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding an object, as a dict; {} where the file does not exist.
+
+    Raises:
+      ValueError: it cannot be read, is not JSON, or is not an object (one line naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return values
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
