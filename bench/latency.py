@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from kvae.contract import FORMATS, HALVES, INPUT, PRECISIONS, filename  # noqa: E402
-from kvae.errors import KVAEError, cli_errors  # noqa: E402
+from kvae.cli import cli_errors  # noqa: E402
+from kvae.errors import KVAEError  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))  # bench/machine.py, also when loaded by path
 import machine  # noqa: E402
 

@@ -20,7 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from kvae import contract  # noqa: E402
-from kvae.errors import ArgumentParser, KVAEError, cli_errors  # noqa: E402
+from kvae.cli import ArgumentParser, cli_errors  # noqa: E402
+from kvae.errors import KVAEError  # noqa: E402
 
 ORDER = {"encoder": 0, "decoder": 1, "tflite": 0, "onnx": 1, "fp32": 0, "fp16": 1, "int8": 2}
 

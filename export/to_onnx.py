@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from kvae import export  # noqa: E402  (numpy only: --help stays fast)
-from kvae.errors import Interrupted, cli_errors, signals_interrupt  # noqa: E402
+from kvae.cli import cli_errors  # noqa: E402
+from kvae.errors import Interrupted, signals_interrupt  # noqa: E402
 from kvae.runlock import export_lock  # noqa: E402
 
 

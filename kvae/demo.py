@@ -28,7 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from kvae import contract
-from kvae.errors import ArgumentParser, KVAEError, cli_errors
+from kvae.cli import ArgumentParser, cli_errors
+from kvae.errors import KVAEError
 
 APP_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"  # the web app, next to kvae/
 ORT_DIST = Path("node_modules") / "onnxruntime-web" / "dist"  # inside the app folder

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import ArgumentParser, KVAEError, cli_errors
+from kvae.cli import ArgumentParser, cli_errors
+from kvae.errors import KVAEError
 from kvae.sample import add_runtime_flags
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}

@@ -1,15 +1,13 @@
-"""The one exception type that the command-line tools turn into a one-line message, and how
-SIGINT / SIGTERM end them (one line, exit code 128 + the signal: 130 / 143)."""
+"""The one exception type for mistakes a user can fix, how SIGINT / SIGTERM interrupt work
+(`Interrupted`), and one-line descriptions of system errors. The command-line side (argparse,
+turning these into one line and an exit code) is `kvae.cli`."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import os
-import re
 import signal
-import sys
 import threading
 
 
@@ -68,14 +66,6 @@ def _handlers(handler):
             signal.signal(s, signal.SIG_DFL if old is None else old)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends with one line (no usage dump) and exit code 2."""
-
-    def error(self, message):
-        name = self.prog.removeprefix("python -m ").removeprefix("python ")  # as cli_errors says it
-        self.exit(2, f"{name}: error: {message} (see {self.prog} --help)\n")
-
-
 # What to do about an OSError, by errno: the disk, the permissions or the path.
 _OS_HINTS = {
     errno.ENOSPC: "free some disk space and run it again",
@@ -103,44 +93,7 @@ def describe_os_error(e: OSError) -> str:
     return f"{what}{where} ({hint})"
 
 
-@contextlib.contextmanager
-def cli_errors(prog: str):
-    """Turns KVAEError, failed reads/writes (a full disk), running out of memory and Ctrl-C into
-    one line on stderr and a non-zero exit, no traceback (an interruption: 128 + its signal)."""
-    try:
-        yield
-    except KVAEError as e:
-        _fail(prog, str(e))
-    except OSError as e:  # disk full, quota, permissions, read-only file system, bad path
-        _fail(prog, describe_os_error(e))
-    except MemoryError as e:
-        _fail(prog, f"out of memory{': ' + str(e) if str(e) else ''}; try smaller sizes")
-    except KeyboardInterrupt as e:  # Ctrl-C, or Interrupted (SIGINT / SIGTERM)
-        print(f"{prog}: {getattr(e, 'message', '') or 'interrupted'}", file=sys.stderr, flush=True)
-        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
-    except Exception as e:
-        inside = kvae_error_inside(e)
-        if inside is not None:  # raised in a tf.data function (a broken image found mid-training)
-            _fail(prog, inside)
-        if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out-of-memory error
-            raise
-        text = re.sub(r"\{\{.*?\}\}\s*", "", _first_line(e))  # TF's function-node prefix
-        text = text.split(" on /job:")[0].split(" [Op:")[0]
-        _fail(prog, f"out of memory: {text} (use a smaller --batch-size, --hidden or --latent-dim)")
-
-
 def kvae_error_inside(e: BaseException) -> str | None:
     """The message of a KVAEError that TensorFlow wrapped in its own error, else None."""
     text = str(e)
     return text.split("KVAEError: ", 1)[1].splitlines()[0] if "KVAEError: " in text else None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
-def _fail(prog: str, message: str) -> None:
-    message = " ".join(message.split("\n"))  # one line, whatever the message holds
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(2)

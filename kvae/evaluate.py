@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import ArgumentParser, KVAEError, cli_errors, signals_interrupt
+from kvae.cli import ArgumentParser, cli_errors
+from kvae.errors import KVAEError, signals_interrupt
 from kvae.files import atomic_write_text, read_json_object
 from kvae.runlock import run_lock
 

@@ -661,7 +661,7 @@ def _check_tflite(path: Path, run: Run, half: str, precision: str, keys: list[st
 
 def script_parser(prog: str, description: str):
     """The arguments both export scripts share: RUN, --out and --quantize."""
-    from kvae.errors import ArgumentParser
+    from kvae.cli import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("run", help="run folder written by python -m kvae.fit")

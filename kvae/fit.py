@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from kvae.config import Config, ConfigError, add_config_flags, config_from_args
-from kvae.errors import (ArgumentParser, Interrupted, KVAEError, cli_errors, signals_deferred,
-                         signals_interrupt)
+from kvae.cli import ArgumentParser, cli_errors
+from kvae.errors import Interrupted, KVAEError, signals_deferred, signals_interrupt
 from kvae.files import atomic_path, remove_stale_temps
 from kvae.runlock import run_lock
 

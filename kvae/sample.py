@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvae.errors import ArgumentParser, KVAEError, cli_errors
+from kvae.cli import ArgumentParser, cli_errors
+from kvae.errors import KVAEError
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

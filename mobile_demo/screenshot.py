@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from kvae.demo import make_server  # noqa: E402
-from kvae.errors import ArgumentParser, KVAEError, cli_errors  # noqa: E402
+from kvae.cli import ArgumentParser, cli_errors  # noqa: E402
+from kvae.errors import KVAEError  # noqa: E402
 from kvae.files import atomic_write_bytes  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,0 +1,60 @@
+"""The command-line side of kvae's errors: every `python -m kvae.*` tool and export script parses
+its flags with `ArgumentParser` and runs inside `cli_errors`, so a mistake ends with one line on
+stderr and a non-zero exit (2; an interruption 128 + its signal: 130 / 143), never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import signal
+import sys
+
+from kvae.errors import KVAEError, describe_os_error, kvae_error_inside
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends with one line (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        name = self.prog.removeprefix("python -m ").removeprefix("python ")  # as cli_errors says it
+        self.exit(2, f"{name}: error: {message} (see {self.prog} --help)\n")
+
+
+
+@contextlib.contextmanager
+def cli_errors(prog: str):
+    """Turns KVAEError, failed reads/writes (a full disk), running out of memory and Ctrl-C into
+    one line on stderr and a non-zero exit, no traceback (an interruption: 128 + its signal)."""
+    try:
+        yield
+    except KVAEError as e:
+        _fail(prog, str(e))
+    except OSError as e:  # disk full, quota, permissions, read-only file system, bad path
+        _fail(prog, describe_os_error(e))
+    except MemoryError as e:
+        _fail(prog, f"out of memory{': ' + str(e) if str(e) else ''}; try smaller sizes")
+    except KeyboardInterrupt as e:  # Ctrl-C, or Interrupted (SIGINT / SIGTERM)
+        print(f"{prog}: {getattr(e, 'message', '') or 'interrupted'}", file=sys.stderr, flush=True)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
+    except Exception as e:
+        inside = kvae_error_inside(e)
+        if inside is not None:  # raised in a tf.data function (a broken image found mid-training)
+            _fail(prog, inside)
+        if type(e).__name__ != "ResourceExhaustedError":  # TensorFlow's out-of-memory error
+            raise
+        text = re.sub(r"\{\{.*?\}\}\s*", "", _first_line(e))  # TF's function-node prefix
+        text = text.split(" on /job:")[0].split(" [Op:")[0]
+        _fail(prog, f"out of memory: {text} (use a smaller --batch-size, --hidden or --latent-dim)")
+
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _fail(prog: str, message: str) -> None:
+    message = " ".join(message.split("\n"))  # one line, whatever the message holds
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
