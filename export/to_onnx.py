@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from kvae import export  # noqa: E402  (numpy only: --help stays fast)
-from kvae.cli import cli_errors  # noqa: E402
+from kvae.cli import cli_errors, require_train_stack  # noqa: E402
 from kvae.errors import Interrupted, signals_interrupt  # noqa: E402
 from kvae.runlock import export_lock  # noqa: E402
 
@@ -30,6 +30,7 @@ def main(argv=None) -> None:
         "Export a run's encoder and decoder to ONNX (opset 17), checked against Keras.")
     args = parser.parse_args(argv)
     prog = "export/to_onnx.py"
+    require_train_stack(prog, export=True)  # one line naming kvae[train], before TensorFlow loads
     with cli_errors(prog), signals_interrupt():
         try:
             with export_lock(args.run, prog):

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from kvae import export  # noqa: E402  (numpy only: --help stays fast)
-from kvae.cli import cli_errors  # noqa: E402
+from kvae.cli import cli_errors, require_train_stack  # noqa: E402
 from kvae.errors import Interrupted, KVAEError, signals_interrupt  # noqa: E402
 from kvae.runlock import export_lock  # noqa: E402
 
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
                              "(default: 1; give no value for none)")
     args = parser.parse_args(argv)
     prog = "export/to_tflite.py"
+    require_train_stack(prog, export=True)  # one line naming kvae[train], before TensorFlow loads
     with cli_errors(prog), signals_interrupt():
         if any(b < 1 for b in args.fixed_batch):
             raise KVAEError(f"--fixed-batch takes positive batch sizes, got {args.fixed_batch} "

@@ -6,11 +6,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import json
+import os
 import re
 import signal
 import sys
 
 from kvae.errors import KVAEError, describe_os_error, kvae_error_inside
+
+TRAIN_EXTRA = 'pip install "kvae[train]"'
+# What training imports (import names), per Keras backend: `pip install kvae` is the runtime only
+# (numpy, onnxruntime, pillow); the `train` extra adds these. The JAX set is requirements-jax.txt's.
+TRAIN_STACK = {
+    "tensorflow": ("tensorflow", "keras", "tensorflow_probability", "tf_keras", "mlxtend",
+                   "matplotlib", "tqdm"),  # TFP 0.25 refuses to import without tf_keras
+    "jax": ("jax", "keras", "tensorflow_probability", "mlxtend", "matplotlib", "tqdm"),
+}
+# Export always runs under TensorFlow (tf2onnx, the TFLite converter; LiteRT for the self-check).
+EXPORT_STACK = (*TRAIN_STACK["tensorflow"], "onnx", "tf2onnx", "ai_edge_litert")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -20,6 +34,39 @@ class ArgumentParser(argparse.ArgumentParser):
         name = self.prog.removeprefix("python -m ").removeprefix("python ")  # as cli_errors says it
         self.exit(2, f"{name}: error: {message} (see {self.prog} --help)\n")
 
+
+def keras_backend() -> str:
+    """The backend Keras will use, without importing it: KERAS_BACKEND, else keras.json's."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return str(json.load(f).get("backend", "tensorflow"))
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def require_train_stack(prog: str, export: bool = False) -> None:
+    """Ends with one line naming `pip install "kvae[train]"` and exit code 2 if what a training
+    (or, with `export`, an export) command imports is not installed. Call it before anything
+    imports TensorFlow or Keras; it looks the modules up without importing them (milliseconds)."""
+    backend = "tensorflow" if export else keras_backend()
+    missing = [name for name in (EXPORT_STACK if export else TRAIN_STACK.get(backend, ("keras",)))
+               if not _installed(name)]
+    if not missing:
+        return
+    how = f"run {TRAIN_EXTRA}" if backend != "jax" else (
+        f"install requirements-jax.txt's JAX stack, or run {TRAIN_EXTRA} for TensorFlow's")
+    _fail(prog, f"this command needs the training and export stack, which `pip install kvae` (the "
+                f"TensorFlow-free runtime) leaves out (missing: {', '.join(missing)}); {how}")
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken or blocked package; a module without __spec__
+        return False
 
 
 @contextlib.contextmanager

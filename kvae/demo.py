@@ -1,12 +1,16 @@
 """python -m kvae.demo RUN [--port 8000] [--host 127.0.0.1] [--open]
 
-Serves the mobile demo: the static web app in `mobile_demo/` (onnxruntime-web runs the exported
-ONNX encoder and decoder inside the browser, no server-side inference), the run's `RUN/export/`
-folder and onnxruntime-web's WebAssembly files, all from this machine (no CDN).
+Serves the mobile demo: the static web app (onnxruntime-web runs the exported ONNX encoder and
+decoder inside the browser, no server-side inference), the run's `RUN/export/` folder and
+onnxruntime-web's WebAssembly files, all from this machine (no CDN).
 
-    /            mobile_demo/index.html (and the app's other files: /app.js, /style.css)
+    /            index.html (and the app's other files: /app.js, /style.css)
     /export/...  RUN/export/ (manifest.json, encoder.onnx, decoder.onnx, ...)
-    /ort/...     mobile_demo/node_modules/onnxruntime-web/dist/ (`npm ci` in mobile_demo/ puts it there)
+    /ort/...     onnxruntime-web's files
+
+The app lives in the package (kvae/web/ and kvae/web/ort/: an installed wheel, see setup.py) or,
+in a checkout (an editable install), in mobile_demo/ with mobile_demo/node_modules/onnxruntime-web/
+dist/ (`npm ci` in mobile_demo/ puts it there).
 
 It listens on 127.0.0.1 unless `--host` says otherwise (`--host 0.0.0.0` lets a phone on the
 same network open it). Only GET and HEAD; no directory listings; paths that leave these folders
@@ -31,8 +35,11 @@ from kvae import contract
 from kvae.cli import ArgumentParser, cli_errors
 from kvae.errors import KVAEError
 
-APP_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"  # the web app, next to kvae/
-ORT_DIST = Path("node_modules") / "onnxruntime-web" / "dist"  # inside the app folder
+PACKAGED_APP = Path(__file__).resolve().parent / "web"  # in an installed wheel (setup.py puts it there)
+CHECKOUT_APP = Path(__file__).resolve().parent.parent / "mobile_demo"  # where the app is edited
+APP_DIR = PACKAGED_APP if (PACKAGED_APP / "index.html").is_file() else CHECKOUT_APP
+ORT_DIST = Path("node_modules") / "onnxruntime-web" / "dist"  # inside a checkout's app folder
+PACKAGED_ORT = "ort"  # inside the packaged app folder: only the files app.js loads
 ORT_ENTRY = "ort.wasm.min.mjs"  # the module app.js imports (WebAssembly backend only)
 REQUIRED_EXPORTS = (contract.MANIFEST, *(contract.filename(h, "fp32", "onnx") for h in contract.HALVES))
 
@@ -54,6 +61,12 @@ MIME_TYPES = {
     ".md": "text/markdown; charset=utf-8",
     ".txt": "text/plain; charset=utf-8",
 }
+
+
+def ort_dir(app_dir: Path) -> Path:
+    """onnxruntime-web's files for the app in `app_dir`: its ort/ (packaged) or npm's dist/."""
+    packaged = Path(app_dir) / PACKAGED_ORT
+    return packaged if packaged.is_dir() else Path(app_dir) / ORT_DIST
 
 
 def content_type(path: Path) -> str:
@@ -115,7 +128,7 @@ class DemoServer(ThreadingHTTPServer):
     Args:
       address: (host, port); port 0 picks a free one (see `server_address`).
       export_dir: the run's export folder (`RUN/export`).
-      app_dir: the web app (`mobile_demo/`).
+      app_dir: the web app (`APP_DIR`: kvae/web/ or mobile_demo/).
       quiet: log nothing (tests).
     """
 
@@ -128,7 +141,7 @@ class DemoServer(ThreadingHTTPServer):
         self.roots = {
             "": Path(app_dir).resolve(),
             "export": Path(export_dir).resolve(),
-            "ort": (Path(app_dir) / ORT_DIST).resolve(),
+            "ort": ort_dir(app_dir).resolve(),
         }
         self.quiet = quiet
         super().__init__(address, DemoHandler)
@@ -173,8 +186,8 @@ def check_folders(run: Path, app_dir: Path = APP_DIR) -> Path:
         raise KVAEError(f"{export_dir} lacks {', '.join(missing)}: run python export/to_onnx.py {run}")
     if not (app_dir / "index.html").is_file():
         raise KVAEError(f"the web app is missing ({app_dir / 'index.html'}); "
-                        "run the demo from a checkout of the kvae repository")
-    if not (app_dir / ORT_DIST / ORT_ENTRY).is_file():
+                        "reinstall kvae, or run the demo from a checkout of the kvae repository")
+    if not (ort_dir(app_dir) / ORT_ENTRY).is_file():
         raise KVAEError(f"onnxruntime-web is not installed: run (cd {app_dir} && npm ci)")
     return export_dir
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvae.cli import ArgumentParser, cli_errors
+from kvae.cli import ArgumentParser, cli_errors, require_train_stack
 from kvae.errors import KVAEError, signals_interrupt
 from kvae.files import atomic_write_text, read_json_object
 from kvae.runlock import run_lock
@@ -164,6 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=None, help="evaluate the first N images only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the importance samples")
     args = parser.parse_args(argv)
+    require_train_stack("kvae.evaluate")  # this module's imports above are TensorFlow-free
     with cli_errors("kvae.evaluate"), signals_interrupt(), contextlib.ExitStack() as held:
         if args.k < 1:
             raise KVAEError("--k must be a positive integer")

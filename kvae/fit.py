@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from kvae.config import Config, ConfigError, add_config_flags, config_from_args
-from kvae.cli import ArgumentParser, cli_errors
+from kvae.cli import ArgumentParser, cli_errors, require_train_stack
 from kvae.errors import Interrupted, KVAEError, signals_deferred, signals_interrupt
 from kvae.files import atomic_path, remove_stale_temps
 from kvae.runlock import run_lock
@@ -103,6 +103,7 @@ def check_new(out: Path, resume: bool) -> None:
 def main(argv=None) -> None:
     with cli_errors("kvae.fit"), signals_interrupt():
         args = parse_args(argv)
+        require_train_stack("kvae.fit")  # this module's imports above are TensorFlow-free
         config = resolve_config(args)
         out, chief = Path(config.out), is_chief()
         if chief:

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, main, make_server, parse_args
+from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, main, make_server, ort_dir, parse_args
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
-SCREENSHOT_SCRIPT = APP_DIR / "screenshot.py"
+SCREENSHOT_SCRIPT = REPO / "mobile_demo" / "screenshot.py"  # APP_DIR may be an installed kvae/web/
 # the browser setup (Chromium flags, phone viewport, touch helpers) of mobile_demo/screenshot.py,
 # which regenerates the README's picture: the picture and these tests drive the same page the same way
 _spec = importlib.util.spec_from_file_location("demo_screenshot", SCREENSHOT_SCRIPT)
@@ -220,7 +220,7 @@ def require_browser():
     missing = []
     if not CHROMIUM.is_file():
         missing.append(f"{CHROMIUM} (apt-get install chromium)")
-    if not (APP_DIR / ORT_DIST / ORT_ENTRY).is_file():
+    if not (ort_dir(APP_DIR) / ORT_ENTRY).is_file():
         missing.append(f"onnxruntime-web (cd {APP_DIR} && npm ci)")
     try:
         import playwright.sync_api  # noqa: F401
