@@ -3,7 +3,8 @@
 Writes RUN/export/encoder.onnx and decoder.onnx (float32, opset 17, dynamic batch `batch`) plus
 encoder/decoder .fp16 and .int8 variants, each checked with onnx.checker and against Keras in
 onnxruntime before it gets its final name, and merges their entries into
-RUN/export/manifest.json. The logic lives in kvae/export.py.
+RUN/export/manifest.json. The logic lives in kvae/export_onnx.py (what both formats share:
+kvae/export.py).
 
 It holds RUN's writer lock (kvae.runlock): with a fit or an evaluation of RUN running it ends at
 once (exit code 2, the holder's pid); with another export of RUN running it waits for it.
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from kvae import export  # noqa: E402  (numpy only: --help stays fast)
 from kvae.cli import cli_errors, require_train_stack  # noqa: E402
 from kvae.errors import Interrupted, signals_interrupt  # noqa: E402
+from kvae.export_onnx import export_onnx  # noqa: E402
 from kvae.runlock import export_lock  # noqa: E402
 
 
@@ -34,7 +36,7 @@ def main(argv=None) -> None:
     with cli_errors(prog), signals_interrupt():
         try:
             with export_lock(args.run, prog):
-                export.export_onnx(args.run, args.out, export.quantized(args.quantize), args.int8)
+                export_onnx(args.run, args.out, export.quantized(args.quantize), args.int8)
         except Interrupted as e:
             raise e.with_message(interrupted(args.out or Path(args.run) / "export")) from None
 

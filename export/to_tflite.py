@@ -2,7 +2,8 @@
 
 Writes RUN/export/encoder.tflite and decoder.tflite (float32) plus encoder/decoder .fp16 and
 .int8 variants, each checked against Keras before it gets its final name, and merges their
-entries into RUN/export/manifest.json. The logic lives in kvae/export.py.
+entries into RUN/export/manifest.json. The logic lives in kvae/export_tflite.py (what both
+formats share: kvae/export.py).
 
 It holds RUN's writer lock (kvae.runlock): with a fit or an evaluation of RUN running it ends at
 once (exit code 2, the holder's pid); with another export of RUN running it waits for it.
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from kvae import export  # noqa: E402  (numpy only: --help stays fast)
 from kvae.cli import cli_errors, require_train_stack  # noqa: E402
 from kvae.errors import Interrupted, KVAEError, signals_interrupt  # noqa: E402
+from kvae.export_tflite import export_tflite  # noqa: E402
 from kvae.runlock import export_lock  # noqa: E402
 
 
@@ -39,8 +41,8 @@ def main(argv=None) -> None:
                             "(give no value for no fixed-batch signature)")
         try:
             with export_lock(args.run, prog):
-                export.export_tflite(args.run, args.out, export.quantized(args.quantize),
-                                     tuple(args.fixed_batch), args.int8)
+                export_tflite(args.run, args.out, export.quantized(args.quantize),
+                              tuple(args.fixed_batch), args.int8)
         except Interrupted as e:
             raise e.with_message(interrupted(args.out or Path(args.run) / "export")) from None
 

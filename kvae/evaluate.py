@@ -16,16 +16,14 @@ runs: with a fit or an export of RUN running it ends at once (exit code 2, the h
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from kvae import runs
 from kvae.cli import ArgumentParser, cli_errors, require_train_stack
 from kvae.errors import KVAEError, signals_interrupt
-from kvae.files import atomic_write_text, read_json_object
 from kvae.runlock import run_lock
 
 
@@ -170,17 +168,11 @@ def main(argv=None) -> None:
             raise KVAEError("--k must be a positive integer")
         if args.n is not None and args.n < 1:
             raise KVAEError("--n must be a positive integer")
-        run = Path(args.run)
-        from kvae.config import Config
-
-        if not (run / "config.json").exists():
-            raise KVAEError(f"{run} is not a run folder (no config.json); train one with python -m kvae.fit")
+        run = runs.check_run(args.run)
         held.enter_context(run_lock(run, "kvae.evaluate"))  # before it reads or writes anything
-        if not (run / "vae.keras").exists():
-            raise KVAEError(f"{run} has no vae.keras: its training has not finished "
-                            "(continue it with python -m kvae.fit --resume --out RUN)")
-        config = Config.from_json(run / "config.json")
-        read_metrics(run)  # an unreadable metrics.json fails now, not after the evaluation
+        runs.check_run(run, needs=("vae.keras",))
+        config = runs.read_config(run)
+        runs.read_metrics(run)  # an unreadable metrics.json fails now, not after the evaluation
         from kvae import data as kdata
 
         name = args.dataset or config.dataset
@@ -192,7 +184,7 @@ def main(argv=None) -> None:
                           split="test" if split == "test" else "train", image_size=config.image_size)
         from kvae.model import VAE, load_vae
 
-        vae = _load(run / "vae.keras", load_vae)
+        vae = runs.load_keras(run / "vae.keras", load_vae)
         if not isinstance(vae, VAE):
             raise KVAEError(f"{run / 'vae.keras'} holds a {type(vae).__name__} ({vae.name!r}), not a kvae "
                             f"VAE: write it again with python -m kvae.fit --resume --out {run}")
@@ -202,35 +194,9 @@ def main(argv=None) -> None:
         result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
                           seed=args.seed, split=split, dataset=name, progress=True)
         print(format_table(result))
-        merge_metrics(run, {"eval": result})
+        runs.merge_metrics(run, {"eval": result})
         for path in save_figures(vae, data.x_val, data.y_val, run):
             print(f"kvae.evaluate: wrote {path}")
-
-
-def _load(path: Path, loader):
-    again = f"write it again with python -m kvae.fit --resume --out {path.parent}"
-    if not zipfile.is_zipfile(path):  # Keras would say "File not found"
-        raise KVAEError(f"{path} is not a complete .keras file (truncated or corrupt): {again}")
-    try:
-        return loader(path)
-    except Exception as e:  # a corrupt .keras file, or one with unknown (unsafe) layers
-        text = (str(e).strip().splitlines() or [""])[0][:200]
-        raise KVAEError(f"cannot load {path}: {type(e).__name__}: {text} ({again})") from None
-
-
-def read_metrics(run: Path) -> dict:
-    """RUN/metrics.json as a dict ({} if there is none)."""
-    try:
-        return read_json_object(Path(run) / "metrics.json")
-    except ValueError as e:
-        raise KVAEError(f"{e} (fix it or delete it)") from None
-
-
-def merge_metrics(run: Path, values: dict) -> None:
-    """Merges `values` into RUN/metrics.json (atomically, under RUN's lock: no merge is lost)."""
-    with run_lock(run, "kvae.evaluate"):
-        atomic_write_text(Path(run) / "metrics.json",
-                          json.dumps({**read_metrics(run), **values}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -331,13 +331,14 @@ def finish(vae, dataset, config: Config, state) -> dict:
             state.epochs_done * steps * min(config.batch_size, n_train)
             / max(state.train_seconds, 1e-9), 1),
     }
-    from kvae.evaluate import evaluate, merge_metrics, save_figures
+    from kvae.evaluate import evaluate, save_figures
+    from kvae.runs import merge_metrics
 
     save_figures(vae, dataset.x_val, dataset.y_val, out)
     if config.eval_k:
         metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
                                    split="val", dataset=config.dataset)
-    merge_metrics(out, metrics)
+    merge_metrics(out, metrics, holder="kvae.fit")
     print(f"kvae.fit: best val loss {state.best_val_loss:.2f} nats (epoch {state.best_epoch + 1}); "
           f"wrote {out}")
     return metrics

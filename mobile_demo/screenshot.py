@@ -29,7 +29,7 @@ from kvae.errors import KVAEError  # noqa: E402
 from kvae.files import atomic_write_bytes  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [  # TOOLCHAIN.md: quiet, offline, no GPU; playwright adds --headless itself
+CHROMIUM_FLAGS = [  # docs/design.md, "Headless Chromium": quiet, offline, no GPU; playwright adds --headless itself
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]

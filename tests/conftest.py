@@ -48,11 +48,11 @@ def exported_run(trained_run):
     def export_all(arch: str = "conv", **overrides) -> Path:
         import json
 
-        from kvae import contract, export
+        from kvae import contract, export, export_onnx, export_tflite
 
         run = trained_run(arch, **overrides)
         manifest = run / "export" / "manifest.json"
-        for fmt, export_fn in (("tflite", export.export_tflite), ("onnx", export.export_onnx)):
+        for fmt, export_fn in (("tflite", export_tflite.export_tflite), ("onnx", export_onnx.export_onnx)):
             names = {contract.filename(h, p, fmt) for h in contract.HALVES for p in contract.PRECISIONS}
             listed = json.loads(manifest.read_text())["files"] if manifest.exists() else {}
             if not all(n in listed and (run / "export" / n).exists() for n in names):

@@ -22,17 +22,40 @@ def test_file_names():
     assert len(names) == 12
 
 
+CONTRACT_NAMES = ("HALVES", "PRECISIONS", "QUANTIZED", "FORMATS", "INPUT", "OUTPUTS", "MANIFEST",
+                  "filename", "sha256", "read_manifest", "update_manifest", "tflite_metadata",
+                  "add_tflite_metadata", "onnx_metadata", "set_onnx_metadata")
+SEAM_MODULES = ("export", "export_checks", "export_tflite", "export_onnx", "sessions", "runtime",
+                "sample", "encode", "demo")
+
+
 def test_everyone_uses_the_one_contract():
     """No second copy: the exporter, the runtime, the report and the benchmark take these names."""
+    import importlib
+
     import kvae.demo
-    import kvae.export
     import kvae.runtime
 
-    for name in ("HALVES", "PRECISIONS", "QUANTIZED", "INPUT", "OUTPUTS", "filename", "sha256",
-                 "update_manifest", "tflite_metadata", "add_tflite_metadata"):
-        assert getattr(kvae.export, name) is getattr(contract, name), name
+    modules = [importlib.import_module(f"kvae.{name}") for name in SEAM_MODULES]
+    for module in modules:
+        for name in CONTRACT_NAMES:  # a name a module has is the contract's own object
+            assert getattr(module, name, getattr(contract, name)) is getattr(contract, name), (module, name)
+    used = {name for module in modules for name in CONTRACT_NAMES if hasattr(module, name)}
+    assert {"filename", "sha256", "update_manifest", "add_tflite_metadata", "set_onnx_metadata"} <= used
     assert kvae.runtime.SIGNATURES == {h: ((contract.INPUT[h],), contract.OUTPUTS[h]) for h in contract.HALVES}
     assert not hasattr(kvae.runtime, "sha256")
+
+
+def test_one_session_layer():
+    """onnxruntime and LiteRT are opened in kvae/sessions.py only (the export self-check and the
+    runtime share it); the tests and benchmarks that time or cross-check the raw runtimes on
+    purpose live outside kvae/."""
+    opened = {path.name for path in (ROOT / "kvae").glob("*.py")
+              if "InferenceSession(" in path.read_text() or "Interpreter(" in path.read_text()}
+    assert opened == {"sessions.py"}
+    import kvae.export_checks
+
+    assert not hasattr(kvae.export_checks, "LiteRTRunner") and not hasattr(kvae.export_checks, "ORTRunner")
     assert "manifest.json" in kvae.demo.REQUIRED_EXPORTS
     spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
     latency = importlib.util.module_from_spec(spec)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvae import contract, export, iwae
+from kvae import contract, export, export_checks, export_onnx, export_tflite, iwae
 from kvae.errors import KVAEError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,7 +322,7 @@ def test_manifest_fields(exported, arch):
         if entry["precision"] == "int8":  # both formats build both and keep the better one
             assert entry["quantization"] in ("static", "dynamic")
             assert set(entry["int8_candidates"]) == {"static", "dynamic"}
-            assert entry["int8_types"] == export.INT8_TYPES[fmt, entry["quantization"]]
+            assert entry["int8_types"] == export_checks.INT8_TYPES[fmt, entry["quantization"]]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -417,7 +417,7 @@ def _no_leftovers(out: Path, name: str):
 
 
 def test_weightless_tflite_is_caught(exported, monkeypatch, tmp_path):
-    """`from_concrete_functions` writes a weightless file whose output is NaN (TOOLCHAIN.md)."""
+    """`from_concrete_functions` writes a weightless file whose output is NaN (docs/design.md, "Weightless TFLite files")."""
     import tensorflow as tf
 
     _, run = exported("conv")
@@ -433,12 +433,12 @@ def test_weightless_tflite_is_caught(exported, monkeypatch, tmp_path):
         converter = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], model)
         return converter.convert()
 
-    monkeypatch.setattr(export, "_tflite_bytes", weightless)
+    monkeypatch.setattr(export_tflite, "_tflite_bytes", weightless)
     out = tmp_path / "export"
     (out).mkdir()
     (out / "encoder.tflite").write_bytes(b"an older export")  # must not survive a failed export
     with pytest.raises(KVAEError, match=r"encoder\.tflite: self-check failed: .*NaN"):
-        export.export_tflite(run, out, quantize=(), fixed_batches=())
+        export_tflite.export_tflite(run, out, quantize=(), fixed_batches=())
     _no_leftovers(out, "encoder.tflite")
 
 
@@ -446,7 +446,7 @@ def test_zeroed_tflite_weights_are_caught(exported, monkeypatch, tmp_path):
     from tensorflow.lite.tools import flatbuffer_utils
 
     _, run = exported("conv")
-    real = export._tflite_bytes
+    real = export_tflite._tflite_bytes
 
     def zeroed(*args, **kwargs):
         model = flatbuffer_utils.convert_bytearray_to_object(bytearray(real(*args, **kwargs)))
@@ -455,10 +455,10 @@ def test_zeroed_tflite_weights_are_caught(exported, monkeypatch, tmp_path):
                 buffer.data = np.zeros_like(buffer.data)
         return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
-    monkeypatch.setattr(export, "_tflite_bytes", zeroed)
+    monkeypatch.setattr(export_tflite, "_tflite_bytes", zeroed)
     with pytest.raises(KVAEError, match=r"encoder\.tflite: self-check failed: 'loc' differs from "
                                         r"Keras by up to [0-9.e+-]+ .*bound for fp32 is 1e-05"):
-        export.export_tflite(run, tmp_path, quantize=())
+        export_tflite.export_tflite(run, tmp_path, quantize=())
     _no_leftovers(tmp_path, "encoder.tflite")
 
 
@@ -466,7 +466,7 @@ def test_zeroed_onnx_weights_are_caught(exported, monkeypatch, tmp_path):
     from onnx import numpy_helper
 
     _, run = exported("mlp")
-    real = export._onnx_model
+    real = export_onnx._onnx_model
 
     def zeroed(run_, half):
         proto = real(run_, half)
@@ -476,31 +476,31 @@ def test_zeroed_onnx_weights_are_caught(exported, monkeypatch, tmp_path):
                 init.CopyFrom(numpy_helper.from_array(np.zeros_like(values), init.name))
         return proto
 
-    monkeypatch.setattr(export, "_onnx_model", zeroed)
+    monkeypatch.setattr(export_onnx, "_onnx_model", zeroed)
     with pytest.raises(KVAEError, match=r"encoder\.onnx: self-check failed: 'loc' differs from Keras by up to"):
-        export.export_onnx(run, tmp_path, quantize=())
+        export_onnx.export_onnx(run, tmp_path, quantize=())
     _no_leftovers(tmp_path, "encoder.onnx")
 
 
 def test_missing_onnx_weights_are_caught(exported, monkeypatch, tmp_path):
     _, run = exported("mlp")
-    real = export._onnx_model
+    real = export_onnx._onnx_model
 
     def missing(run_, half):
         proto = real(run_, half)
         del proto.graph.initializer[0]
         return proto
 
-    monkeypatch.setattr(export, "_onnx_model", missing)
+    monkeypatch.setattr(export_onnx, "_onnx_model", missing)
     with pytest.raises(KVAEError, match=r"encoder\.onnx: self-check failed"):
-        export.export_onnx(run, tmp_path, quantize=())
+        export_onnx.export_onnx(run, tmp_path, quantize=())
     _no_leftovers(tmp_path, "encoder.onnx")
 
 
 def test_failure_keeps_files_that_passed(exported, monkeypatch, tmp_path):
     """The decoder fails: the encoder files written before it stay, checked and listed."""
     _, run = exported("mlp")
-    real = export._onnx_model
+    real = export_onnx._onnx_model
 
     def broken_decoder(run_, half):
         proto = real(run_, half)
@@ -510,12 +510,51 @@ def test_failure_keeps_files_that_passed(exported, monkeypatch, tmp_path):
                     node.op_type = "Relu"  # x_mean = relu(logits): a wrong graph that runs fine
         return proto
 
-    monkeypatch.setattr(export, "_onnx_model", broken_decoder)
+    monkeypatch.setattr(export_onnx, "_onnx_model", broken_decoder)
     with pytest.raises(KVAEError, match=r"decoder\.onnx: self-check failed: 'x_mean'"):
-        export.export_onnx(run, tmp_path, quantize=())
+        export_onnx.export_onnx(run, tmp_path, quantize=())
     _no_leftovers(tmp_path, "decoder.onnx")
     files = json.loads((tmp_path / "manifest.json").read_text())["files"]
     assert set(files) == {"encoder.onnx"} and (tmp_path / "encoder.onnx").exists()
+
+
+def test_self_check_runs_the_runtimes_padding(exported, monkeypatch, tmp_path):
+    """The self-check runs every file through kvae.sessions, the code users run: a fixed-batch
+    signature gets a padded last call there, so padding that puts the zero rows first (the
+    outputs kept are then the pad rows') makes the export fail; intact, the same export passes."""
+    from kvae import sessions
+
+    _, run = exported("mlp")
+    real = sessions.pad
+
+    def pad_first(rows, batch):
+        return np.concatenate([real(rows, batch)[len(rows):], rows])
+
+    monkeypatch.setattr(sessions, "pad", pad_first)
+    with pytest.raises(KVAEError, match=r"encoder\.tflite: self-check failed: '(loc|scale)' differs"):
+        export_tflite.export_tflite(run, tmp_path / "broken", quantize=(), fixed_batches=(1, 8))
+    _no_leftovers(tmp_path / "broken", "encoder.tflite")
+    monkeypatch.setattr(sessions, "pad", real)
+    files = export_tflite.export_tflite(run, tmp_path / "intact", quantize=(), fixed_batches=(1, 8))["files"]
+    assert files["decoder.tflite"]["signatures"] == {"serving_default": "dynamic", "batch1": 1, "batch8": 8}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_self_check_runs_the_runtimes_sessions(exported, monkeypatch, tmp_path, fmt):
+    """A runtime whose outputs are off by 1e-4 (what users would get) fails the float32 export of
+    both formats: the check has no session code of its own."""
+    from kvae import sessions
+
+    _, run = exported("mlp")
+    real = sessions.Session._call
+
+    def off(self, feeds, key):
+        return {name: value + 1e-4 for name, value in real(self, feeds, key).items()}
+
+    monkeypatch.setattr(sessions.Session, "_call", off)
+    export_fn = export_tflite.export_tflite if fmt == "tflite" else export_onnx.export_onnx
+    with pytest.raises(KVAEError, match=rf"encoder\.{fmt}: self-check failed: 'loc' differs from Keras by up to 0\.0001"):
+        export_fn(run, tmp_path, quantize=())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,7 +652,7 @@ def test_script_not_a_run_folder(script, tmp_path):
 ])
 def test_tflite_script_arguments(monkeypatch, argv, quantize, batches, int8):
     calls = []
-    monkeypatch.setattr(export, "export_tflite", lambda *a: calls.append(a))
+    monkeypatch.setattr(export_tflite, "export_tflite", lambda *a: calls.append(a))
     _load_script("export/to_tflite.py").main(["RUN", "--out", "OUT", *argv])
     assert calls == [("RUN", "OUT", quantize, batches, int8)]
 
@@ -623,7 +662,7 @@ def test_tflite_script_arguments(monkeypatch, argv, quantize, batches, int8):
                                                 (["--int8", "dynamic"], ("fp16", "int8"), "dynamic")])
 def test_onnx_script_arguments(monkeypatch, argv, quantize, int8):
     calls = []
-    monkeypatch.setattr(export, "export_onnx", lambda *a: calls.append(a))
+    monkeypatch.setattr(export_onnx, "export_onnx", lambda *a: calls.append(a))
     _load_script("export/to_onnx.py").main(["RUN", *argv])
     assert calls == [("RUN", None, quantize, int8)]
 
@@ -637,7 +676,7 @@ def forced_int8(exported, tmp_path_factory):
         if (arch, fmt, method) not in cache:
             _, run = exported(arch)
             out = tmp_path_factory.mktemp(f"int8-{arch}-{fmt}-{method}")
-            export_fn = export.export_tflite if fmt == "tflite" else export.export_onnx
+            export_fn = export_tflite.export_tflite if fmt == "tflite" else export_onnx.export_onnx
             export_fn(run, out, ("int8",), int8=method)
             cache[arch, fmt, method] = out
         return cache[arch, fmt, method]
@@ -671,9 +710,9 @@ def test_int8_method_is_chosen_on_training_images(exported, keras_halves, forced
         for method, path in files.items():
             forced = json.loads((path.parent / "manifest.json").read_text())["files"][name]
             assert forced["quantization"] == method and set(forced["int8_candidates"]) == {method}
-            assert forced["int8_types"] == export.INT8_TYPES[fmt, method]
+            assert forced["int8_types"] == export_checks.INT8_TYPES[fmt, method]
     with pytest.raises(KVAEError, match="--int8 must be one of"):
-        (export.export_tflite if fmt == "tflite" else export.export_onnx)(
+        (export_tflite.export_tflite if fmt == "tflite" else export_onnx.export_onnx)(
             folder, tmp_path / "bad", ("int8",), int8="int4")
     assert not (tmp_path / "bad").exists()
 
@@ -691,10 +730,10 @@ def _failing(real, fails, fmt):
 
 def _export_with_failing(monkeypatch, fmt, fails):
     if fmt == "onnx":
-        monkeypatch.setattr(export, "_quantize_onnx", _failing(export._quantize_onnx, fails, fmt))
-        return export.export_onnx
-    monkeypatch.setattr(export, "_tflite_bytes", _failing(export._tflite_bytes, fails, fmt))
-    return lambda *a, **kw: export.export_tflite(*a, fixed_batches=(), **kw)
+        monkeypatch.setattr(export_onnx, "_quantize_onnx", _failing(export_onnx._quantize_onnx, fails, fmt))
+        return export_onnx.export_onnx
+    monkeypatch.setattr(export_tflite, "_tflite_bytes", _failing(export_tflite._tflite_bytes, fails, fmt))
+    return lambda *a, **kw: export_tflite.export_tflite(*a, fixed_batches=(), **kw)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -735,7 +774,7 @@ def test_forced_dynamic_int8_export_end_to_end(exported, keras_halves, held_out,
     for half in HALVES:
         name = contract.filename(half, "int8", fmt)
         assert files[name]["quantization"] == "dynamic" and set(files[name]["int8_candidates"]) == {"dynamic"}
-        assert files[name]["int8_types"] == export.INT8_TYPES[fmt, "dynamic"]
+        assert files[name]["int8_types"] == export_checks.INT8_TYPES[fmt, "dynamic"]
         assert abs(files[name]["nll_delta"]) <= INT8_NLL
         inputs = inputs_for(half, held_out, 64)
         diffs = max_diff(run_file(tmp_path / name, half, inputs, 64),
@@ -835,18 +874,6 @@ def test_report_table(exported):
             for f in FORMATS:
                 assert f"`{contract.filename(h, p, f)}`" in table
     assert table.startswith("| file | precision | size |") and "NLL" in table
-
-
-def test_report_latency_table(exported):
-    folder, _ = exported("mlp")
-    report = _load_script("export/report.py")
-    manifest = report.read_manifest(folder)
-    table = report.latency_table(folder / "export", manifest, rounds=1, budget=0.002)
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
-    assert len(rows) == len(manifest["files"])
-    tflite = next(r for r in rows if r.startswith("| `decoder.tflite`"))
-    cells = [c.strip() for c in tflite.strip("|").split("|")][1:]
-    assert all(float(c) > 0 for c in cells[:3]) and cells[3] == "-"  # no batch64 signature by default
 
 
 def test_manifest_merge_and_stale_entries(tmp_path):

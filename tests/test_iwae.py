@@ -65,9 +65,10 @@ def test_nll_with_the_prior_as_proposal_and_a_constant_decoder():
 def test_no_second_copy_in_the_modules_that_use_it():
     import kvae.evaluate
     import kvae.export
+    import kvae.export_checks
     import kvae.runtime
 
-    for module in (kvae.export, kvae.runtime, kvae.evaluate):
+    for module in (kvae.export, kvae.export_checks, kvae.runtime, kvae.evaluate):
         copies = {"LOG_2PI", "logsumexp", "_log_px", "P_MIN", "P_MAX"} & set(vars(module))
         assert not copies, (module.__name__, copies)
     assert not hasattr(kvae.export, "iwae_nll")  # kvae.evaluate.iwae_nll is the Keras model's own

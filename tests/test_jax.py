@@ -128,21 +128,17 @@ def test_held_out_nll_agrees_across_backends(jax_run):
 
 @pytest.mark.parametrize("fmt", ["onnx", "tflite"])
 def test_jax_run_exports_with_parity(jax_run, fmt):
-    from kvae import export
+    from kvae import export_onnx, export_tflite
+    from kvae.sessions import Session
 
     out, _, _ = jax_run
     target = out / f"export-{fmt}"
-    export_fn = export.export_onnx if fmt == "onnx" else export.export_tflite
+    export_fn = export_onnx.export_onnx if fmt == "onnx" else export_tflite.export_tflite
     manifest = export_fn(out, target, quantize=())
     assert {f"encoder.{fmt}", f"decoder.{fmt}"} <= set(manifest["files"])
     ref = np.load(out / "jax_outputs.npz")
-    if fmt == "onnx":
-        decoder = export.ORTRunner(target / "decoder.onnx")
-        encoder = export.ORTRunner(target / "encoder.onnx")
-    else:
-        decoder = export.LiteRTRunner(target / "decoder.tflite", "serving_default")
-        encoder = export.LiteRTRunner(target / "encoder.tflite", "serving_default")
-    got = {**encoder("x", ref["x"]), **decoder("z", ref["z"])}
+    decoder, encoder = (Session(target / f"{half}.{fmt}") for half in ("decoder", "encoder"))
+    got = {**encoder.run(x=ref["x"]), **decoder.run(z=ref["z"])}
     diffs = {name: float(np.abs(got[name] - ref[name]).max()) for name in ("loc", "scale", "x_mean")}
     print(f"{fmt} export vs JAX: max abs diff " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
     assert all(d <= EXPORT_TOL for d in diffs.values()), (fmt, diffs)

@@ -24,7 +24,7 @@ from kvae.runtime import VAE, Decoder, Encoder, RuntimeInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["onnx", "tflite"]
-PARITY = 1e-5  # float32 parity bound against Keras (TOOLCHAIN.md measured <= 6e-6 on logits)
+PARITY = 1e-5  # float32 parity bound against Keras (docs/design.md, "Float32 parity": <= 6e-6 on logits)
 
 # Makes `import tensorflow` (and Keras, TFP, tf2onnx) fail in a child process: put this folder's
 # sitecustomize.py first on PYTHONPATH.
@@ -90,13 +90,21 @@ def test_blocker_blocks_tensorflow(blocker):
     assert result.returncode != 0 and "blocked" in result.stderr
 
 
+RUNTIME_SIDE = {"kvae", "kvae.runtime", "kvae.sessions", "kvae.contract", "kvae.iwae", "kvae.errors",
+                "kvae.cli", "kvae.files", "kvae.sample", "kvae.encode", "kvae.demo"}
+
+
 def test_import_runtime_imports_only_numpy(blocker):
-    code = ("import sys, kvae, kvae.runtime, kvae.sample, kvae.encode; "
+    """`import kvae.runtime` (and the TF-free CLIs) loads no runtime library until a file is
+    opened, and no module of kvae's TensorFlow side (export, model, data, fit...)."""
+    code = ("import sys, kvae, kvae.runtime, kvae.sample, kvae.encode, kvae.demo; "
             "print(sorted(m for m in ('tensorflow', 'keras', 'onnxruntime', 'ai_edge_litert', 'PIL') "
-            "if m in sys.modules))")
+            "if m in sys.modules)); print(sorted(m for m in sys.modules if m.split('.')[0] == 'kvae'))")
     result = run_without_tensorflow(blocker, ["-c", code])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    libraries, kvae_modules = result.stdout.strip().splitlines()
+    assert libraries == "[]"
+    assert set(eval(kvae_modules)) <= RUNTIME_SIDE, kvae_modules
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -207,9 +215,9 @@ def test_fixed_batch_file_is_fed_in_chunks(run, tmp_path):
 
 def test_plan_uses_fixed_batch_signatures():
     """Which signature takes which rows: fixed `batch<N>` fast paths, the dynamic one, padding."""
-    from kvae.runtime import _Session
+    from kvae.sessions import Session
 
-    session = object.__new__(_Session)
+    session = object.__new__(Session)
     session.format, session.max_batch = "tflite", 100
     session._runners = {None: None, 1: None}
     session.prefer_fixed = True
@@ -267,7 +275,7 @@ def test_tflite_without_xnnpack_and_with_threads(run):
 SAME_FILE = 1e-6  # same signature, same rows: only the runtime's slicing and casts in between
 # Max abs diff vs Keras; for fp16 and int8 times max(1, max |Keras output|) (their error is relative):
 MAX_DIFF = {
-    "fp32": 1e-5,  # the export contract: float32 kernels only reorder sums (TOOLCHAIN.md: <= 6e-6)
+    "fp32": 1e-5,  # the export contract: float32 kernels only reorder sums (docs/design.md, "Float32 parity": <= 6e-6)
     "fp16": 1e-3,  # two float16 half-ulps (2 * 2^-11) of the output: float16 weights, float32
                    # arithmetic (x86; XNNPACK may compute in float16 on ARM64 CPUs with FP16: unmeasured)
     "int8": 0.1,  # test_export's bound on the same files (INT8_X_MEAN, INT8_LATENT is 0.15 for codes)
@@ -306,13 +314,13 @@ LAYOUT_FILES = [("onnx", "onnx", p) for p in PRECISIONS] + [("tflite", "tflite",
 @pytest.fixture(scope="session")
 def layouts(run, tmp_path_factory) -> dict[str, Path]:
     """Export folders by layout (see SIGNATURES): RUN/export, plus `mixed` and `onnx-static`."""
-    from kvae import export
+    from kvae import export, export_onnx, export_tflite
 
     loaded = export.load_run(run)
     mixed = tmp_path_factory.mktemp("mixed")
-    export.export_tflite(loaded, out=mixed, fixed_batches=(1, 64), int8="static")
+    export_tflite.export_tflite(loaded, out=mixed, fixed_batches=(1, 64), int8="static")
     static = tmp_path_factory.mktemp("onnx-static")
-    export.export_onnx(loaded, out=static, quantize=("int8",), int8="static")
+    export_onnx.export_onnx(loaded, out=static, quantize=("int8",), int8="static")
     return {"onnx": run / "export", "tflite": run / "export", "mixed": mixed, "onnx-static": static}
 
 
