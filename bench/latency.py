@@ -46,8 +46,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from kvae.contract import FORMATS, HALVES, INPUT, PRECISIONS, filename  # noqa: E402
+from kvae import runs  # noqa: E402
 from kvae.cli import cli_errors  # noqa: E402
+from kvae.contract import FORMATS, HALVES, INPUT, PRECISIONS, filename, read_manifest  # noqa: E402
 from kvae.errors import KVAEError  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))  # bench/machine.py, also when loaded by path
 import machine  # noqa: E402
@@ -96,13 +97,10 @@ def export_paths(run: Path) -> dict[str, Path]:
 
 def ensure_export(run: Path) -> list[str]:
     """Runs the export scripts for the formats whose files are missing; returns the commands run."""
-    run = Path(run).resolve()
-    if not (run / "config.json").is_file() or not (run / "decoder.keras").is_file():
-        raise KVAEError(f"{run} is not a finished run folder (no config.json or decoder.keras); "
-                        f"train one first: python -m kvae.fit --out {run}")
+    run = runs.check_run(Path(run).resolve(), needs=("encoder.keras", "decoder.keras"))
     try:
-        listed = json.loads((run / "export" / "manifest.json").read_text()).get("files", {})
-    except (OSError, ValueError, AttributeError):  # no manifest yet, or an unreadable one
+        listed = read_manifest(run / "export").get("files", {})
+    except ValueError:  # an unreadable manifest: the export writes a new one
         listed = {}
     commands = []
     for fmt in FORMATS:
@@ -154,7 +152,7 @@ def keras_cases(run: Path, batches, latent_dim: int, image_shape) -> list[Case]:
 
     cases = []
     for half in HALVES:
-        model = keras.saving.load_model(run / f"{half}.keras", safe_mode=True, compile=False)
+        model = runs.load_keras(run / f"{half}.keras")
         shape = tuple(image_shape) if half == "encoder" else (latent_dim,)
         fn = _traced(model, shape)
         for batch in batches:
@@ -445,7 +443,10 @@ def measure(run: str | Path, seconds: float = 0.5, rounds: int = 5, threads=(1, 
     if missing or not (export / "manifest.json").is_file():
         raise KVAEError(f"{export} lacks {', '.join(missing) or 'manifest.json'}: "
                         f"run python bench/latency.py {run} (it exports first)")
-    manifest = json.loads((export / "manifest.json").read_text())
+    try:
+        manifest = read_manifest(export)
+    except ValueError as e:
+        raise KVAEError(f"{e}: export the run again") from None
     latent_dim, image_shape = int(manifest["latent_dim"]), [int(d) for d in manifest["image_shape"]]
     signatures = {name: list(e.get("signatures") or {}) for name, e in manifest.get("files", {}).items()}
     no_fixed = sorted({f"batch{b}" for name in export_paths(run) if name.endswith(".tflite")
