@@ -183,7 +183,8 @@ def train_classifier(x: np.ndarray, y: np.ndarray, seed: int = 0,
             pass
         else:
             record = read_json_object(path.with_suffix(".json"))
-            _TRAINING[model] = {"train_seconds": record.get("train_seconds"), "cached": str(path)}
+            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path  # for results
+            _TRAINING[model] = {"train_seconds": record.get("train_seconds"), "cached": str(shown)}
             return model
     model = build_classifier(seed, settings)
     steps = settings["epochs"] * -(-len(x) // settings["batch_size"])
