@@ -2,7 +2,11 @@
 // WebAssembly). Served by `python -m kvae.demo RUN`: ./export/ holds the run's export folder,
 // ./ort/ onnxruntime-web's dist/ folder. Nothing is computed on the server and nothing comes from a CDN.
 //
-// Test hook: window.kvae = {ready, manifest, decode(z), encode(x), sampleZ(seed, count), settled(), state}.
+// A conditional model (manifest "conditional": true) also takes y, the one-hot class label: the
+// class picker sets the label every decode and encode of the page uses.
+//
+// Test hook: window.kvae = {ready, manifest, classes, label, decode(z, label), encode(x, label),
+// sampleZ(seed, count), settled(), state}.
 
 const EXPORT = "./export/";
 const ORT = "./ort/";
@@ -56,6 +60,9 @@ const model = {
   decoder: null,
   decoderFile: "decoder.onnx",
   names: { x: "x", loc: "loc", scale: "scale", z: "z", xMean: "x_mean" },
+  classes: [], // a conditional model's class names (index = class id); [] otherwise
+  label: null, // the class id the picker shows (null: an unconditional model)
+  condition: { encoder: null, decoder: null }, // the loaded files' condition input name (y), or null
 };
 const pixelsPerImage = () => model.shape[0] * model.shape[1] * model.shape[2];
 
@@ -94,24 +101,38 @@ function record(kind, batch, ms) {
   $("perf").dataset.lastMs = ms.toFixed(3);
 }
 
-/** z: flat Float32Array (n * latent_dim) -> x_mean: flat Float32Array (n * H * W * C). */
-async function decode(z) {
+/** A conditional half's second feed: y = one_hot(label), float32 [n, num_classes]; {} for an
+ * unconditional model. */
+function conditionFeed(half, n, label) {
+  const name = model.condition[half];
+  if (!name) return {};
+  const K = model.classes.length;
+  if (!Number.isInteger(label) || label < 0 || label >= K) throw new Error(`${half}: label must be a class id 0..${K - 1}, got ${label}`);
+  const y = new Float32Array(n * K);
+  for (let i = 0; i < n; i++) y[i * K + label] = 1;
+  return { [name]: new ort.Tensor("float32", y, [n, K]) };
+}
+
+/** z: flat Float32Array (n * latent_dim) -> x_mean: flat Float32Array (n * H * W * C).
+ * label: the class id of a conditional model (default: the picker's); unused otherwise. */
+async function decode(z, label = model.label) {
   z = Float32Array.from(z);
   const n = z.length / model.latentDim;
   if (!Number.isInteger(n) || n < 1) throw new Error(`decode: z has ${z.length} numbers, not a multiple of latent_dim ${model.latentDim}`);
-  const feeds = { [model.names.z]: new ort.Tensor("float32", z, [n, model.latentDim]) };
+  const feeds = { [model.names.z]: new ort.Tensor("float32", z, [n, model.latentDim]), ...conditionFeed("decoder", n, label) };
   const t0 = performance.now();
   const out = await runQueued(model.decoder, feeds);
   record("decode", n, performance.now() - t0);
   return out[model.names.xMean].data;
 }
 
-/** x: flat Float32Array (n * H * W * C) in [0, 1] -> {loc, scale} flat (n * latent_dim). */
-async function encode(x) {
+/** x: flat Float32Array (n * H * W * C) in [0, 1] -> {loc, scale} flat (n * latent_dim).
+ * label: the class id of a conditional model (default: the picker's); unused otherwise. */
+async function encode(x, label = model.label) {
   x = Float32Array.from(x);
   const n = x.length / pixelsPerImage();
   if (!Number.isInteger(n) || n < 1) throw new Error(`encode: x has ${x.length} numbers, not a multiple of H*W*C ${pixelsPerImage()}`);
-  const feeds = { [model.names.x]: new ort.Tensor("float32", x, [n, ...model.shape]) };
+  const feeds = { [model.names.x]: new ort.Tensor("float32", x, [n, ...model.shape]), ...conditionFeed("encoder", n, label) };
   const t0 = performance.now();
   const out = await runQueued(model.encoder, feeds);
   record("encode", n, performance.now() - t0);
@@ -150,6 +171,14 @@ async function fetchOk(url) {
   return response;
 }
 
+/** The condition input of `file` on a conditional model: the input the manifest lists next to the
+ * data input (x or z), "y" if the manifest lists none; null for an unconditional model. */
+function conditionName(file, inputName) {
+  if (!model.classes.length) return null;
+  const listed = (model.manifest.files?.[file]?.inputs || []).map((i) => i.name).filter((name) => name !== inputName);
+  return listed[0] || "y";
+}
+
 async function loadSession(file, inputName, outputNames) {
   const bytes = new Uint8Array(await (await fetchOk(EXPORT + file)).arrayBuffer());
   const session = await ort.InferenceSession.create(bytes, {
@@ -159,9 +188,15 @@ async function loadSession(file, inputName, outputNames) {
   });
   const ins = session.inputNames.join(", ");
   const outs = session.outputNames.join(", ");
-  if (!session.inputNames.includes(inputName) || outputNames.some((o) => !session.outputNames.includes(o))) {
-    throw new Error(`${file} has inputs [${ins}] and outputs [${outs}]; expected ${inputName} -> ${outputNames.join(", ")}`);
+  const condition = conditionName(file, inputName);
+  const inputNames = condition ? [inputName, condition] : [inputName];
+  if (inputNames.some((i) => !session.inputNames.includes(i)) || outputNames.some((o) => !session.outputNames.includes(o))) {
+    throw new Error(`${file} has inputs [${ins}] and outputs [${outs}]; expected ${inputNames.join(", ")} -> ${outputNames.join(", ")}`);
   }
+  if (session.inputNames.some((i) => !inputNames.includes(i))) {
+    throw new Error(`${file} takes [${ins}] but manifest.json describes [${inputNames.join(", ")}]: export the run again (python export/to_onnx.py RUN)`);
+  }
+  session.condition = condition;
   return session;
 }
 
@@ -198,21 +233,23 @@ function paintGrid(canvas, x, n, cols) {
 const paintOne = (canvas, x) => paintGrid(canvas, x, 1, 1);
 
 // ---------------------------------------------------------------- the page's state
+// `label`: the class id each view was decoded (and the drawing encoded) with; null when unconditional.
 const state = {
-  sample: null, // {seed, n, z, x}
-  explore: { z: null, x: null, version: 0 },
-  draw: { x: null, loc: null, scale: null, recon: null, version: 0 },
+  sample: null, // {seed, n, z, x, label}
+  explore: { z: null, x: null, label: null, version: 0 },
+  draw: { x: null, loc: null, scale: null, recon: null, label: null, version: 0 },
   slots: { a: null, b: null },
-  interp: null, // {z, x}
+  interp: null, // {z, x, label}
 };
 
 // ---------------------------------------------------------------- Sample
 async function renderSample(seed) {
   const n = GRID * GRID;
   const z = sampleNormal(seed, n * model.latentDim);
-  const x = await decode(z);
+  const label = model.label;
+  const x = await decode(z, label);
   paintGrid($("grid"), x, n, GRID);
-  state.sample = { seed, n, z, x };
+  state.sample = { seed, n, z, x, label };
   $("seed").value = String(seed);
 }
 
@@ -234,9 +271,10 @@ function pickSample(event) {
 
 // ---------------------------------------------------------------- Explore
 const renderExplore = latestOnly(async (z) => {
-  const x = await decode(z);
+  const label = model.label;
+  const x = await decode(z, label);
   paintOne($("explore-out"), x);
-  state.explore = { z, x, version: state.explore.version + 1 };
+  state.explore = { z, x, label, version: state.explore.version + 1 };
   movePadDot(z);
 });
 
@@ -342,7 +380,7 @@ function clearPen() {
     c.getContext("2d").clearRect(0, 0, c.width, c.height);
   }
   $("posterior").querySelector("tbody").replaceChildren();
-  state.draw = { x: null, loc: null, scale: null, recon: null, version: state.draw.version + 1 };
+  state.draw = { x: null, loc: null, scale: null, recon: null, label: null, version: state.draw.version + 1 };
 }
 
 function penPoint(event) {
@@ -415,8 +453,9 @@ function penToInput() {
 const renderDraw = latestOnly(async () => {
   const x = penToInput();
   if (!x) return;
-  const { loc, scale } = await encode(x);
-  const recon = await decode(loc);
+  const label = model.label; // the drawing is encoded and reconstructed with the picked class
+  const { loc, scale } = await encode(x, label);
+  const recon = await decode(loc, label);
   paintOne($("draw-input"), x);
   paintOne($("draw-recon"), recon);
   const rows = [];
@@ -430,7 +469,7 @@ const renderDraw = latestOnly(async () => {
     rows.push(tr);
   }
   $("posterior").querySelector("tbody").replaceChildren(...rows);
-  state.draw = { x, loc, scale, recon, version: state.draw.version + 1 };
+  state.draw = { x, loc, scale, recon, label, version: state.draw.version + 1 };
 });
 
 function setupPen() {
@@ -468,8 +507,12 @@ async function setSlot(name, z) {
   }
   z = Float32Array.from(z);
   state.slots[name] = z;
-  paintOne($(`slot-${name}`), await decode(z));
+  await paintSlot(name);
   await renderInterp();
+}
+
+async function paintSlot(name) {
+  if (state.slots[name]) paintOne($(`slot-${name}`), await decode(state.slots[name]));
 }
 
 async function renderInterp() {
@@ -481,9 +524,10 @@ async function renderInterp() {
     const t = k / (INTERP_STEPS - 1);
     for (let d = 0; d < L; d++) z[k * L + d] = (1 - t) * a[d] + t * b[d];
   }
-  const x = await decode(z);
+  const label = model.label;
+  const x = await decode(z, label);
   paintGrid($("interp"), x, INTERP_STEPS, INTERP_STEPS);
-  state.interp = { z, x };
+  state.interp = { z, x, label };
 }
 
 // ---------------------------------------------------------------- start-up
@@ -494,13 +538,15 @@ function fail(error) {
 
 async function loadDecoder(file) {
   model.decoder = await loadSession(file, model.names.z, [model.names.xMean]);
+  model.condition.decoder = model.decoder.condition;
   model.decoderFile = file;
 }
 
 function describe() {
   const m = model.manifest;
   const [H, W, C] = model.shape;
-  status(`Ready: ${model.decoderFile} + encoder.onnx, latent_dim ${model.latentDim}, image ${H}×${W}×${C}, ${m.likelihood || "?"} likelihood; running on this device (WebAssembly).`);
+  const classes = model.classes.length ? `, conditional on ${model.classes.length} classes` : "";
+  status(`Ready: ${model.decoderFile} + encoder.onnx, latent_dim ${model.latentDim}, image ${H}×${W}×${C}, ${m.likelihood || "?"} likelihood${classes}; running on this device (WebAssembly).`);
   $("about").textContent = `Model files from ./export/ (kvae ${m.kvae_version || "?"}). onnxruntime-web ${ort.env.versions?.web || ""}.`;
 }
 
@@ -521,6 +567,13 @@ async function init() {
   model.manifest = manifest;
   model.latentDim = manifest.latent_dim;
   model.shape = manifest.image_shape.map(Number);
+  if (manifest.conditional) {
+    if (!Array.isArray(manifest.classes) || !manifest.classes.length) {
+      throw new Error("manifest.json says conditional but lists no classes: export the run again (python export/to_onnx.py RUN)");
+    }
+    model.classes = manifest.classes.map(String);
+    model.label = 0;
+  }
 
   // Decoder files the manifest lists (float32 first, then quantized variants).
   const files = manifest.files || {};
@@ -533,6 +586,7 @@ async function init() {
     loadSession("encoder.onnx", model.names.x, [model.names.loc, model.names.scale]),
     loadDecoder("decoder.onnx"),
   ]);
+  model.condition.encoder = model.encoder.condition;
 
   $("input-caption").textContent = `model input (${model.shape[0]}×${model.shape[1]})`;
   buildSliders();
@@ -541,6 +595,7 @@ async function init() {
     await paintPad();
   }
   setupPen();
+  if (model.classes.length) setupClasses();
   await renderSample(readSeed());
   await setExplore(new Float32Array(model.latentDim));
   const L = model.latentDim;
@@ -551,6 +606,7 @@ async function init() {
   $("seed").addEventListener("change", () => renderSample(readSeed()).catch(fail));
   $("resample").addEventListener("click", () => renderSample((readSeed() + 1) >>> 0).catch(fail));
   $("grid").addEventListener("click", pickSample);
+  $("class").addEventListener("change", (event) => setClass(Number(event.target.value)).catch(fail));
   $("explore-zero").addEventListener("click", () => setExplore(new Float32Array(L)));
   $("explore-random").addEventListener("click", () => setExplore(sampleNormal((Math.random() * 2 ** 32) >>> 0, L)));
   $("a-from-draw").addEventListener("click", () => setSlot("a", state.draw.loc).catch(fail));
@@ -575,6 +631,33 @@ async function init() {
   return { latentDim: model.latentDim, imageShape: model.shape, decoderFile: model.decoderFile };
 }
 
+/** Every view again with the picked class; the drawing is encoded again too. */
+async function setClass(label) {
+  model.label = label;
+  $("class").value = String(label);
+  await renderSample(state.sample.seed);
+  if (model.latentDim === 2) await paintPad();
+  await renderExplore(exploreZ());
+  if (pen.ink) await renderDraw();
+  await paintSlot("a");
+  await paintSlot("b");
+  await renderInterp();
+}
+
+/** A conditional model: the class picker (the manifest's class names) and the hints that name it. */
+function setupClasses() {
+  $("class").replaceChildren(...model.classes.map((name, id) => new Option(name, String(id))));
+  $("class").value = String(model.label);
+  $("class-picker").hidden = false;
+  // The picker can wrap the sticky nav onto a second line: keep the sections' tops clear of it.
+  const nav = document.querySelector("nav");
+  new ResizeObserver(() => document.documentElement.style.setProperty("--nav-height", `${nav.offsetHeight + 8}px`)).observe(nav);
+  $("sample-hint").textContent = "z ~ N(0, I), drawn here from a seeded generator, decoded in one call as the class picked at the top. Tap a digit to explore it.";
+  $("explore-hint").textContent += " Decoded as the picked class.";
+  $("draw-hint").textContent = "Draw a digit with a finger or the mouse. It is scaled to the model's input, encoded to Q(z|X, y) (loc, scale) with y the picked class, and decoded from loc with the same class.";
+  $("posterior").querySelector("caption").textContent = "Q(z|X, y) = N(loc, scale²): dimension, loc, scale";
+}
+
 /** Resolves once no live view has a decode or encode in flight or waiting. */
 async function settled() {
   for (;;) {
@@ -591,6 +674,12 @@ window.kvae = {
   ready,
   get manifest() {
     return model.manifest;
+  },
+  get classes() {
+    return model.classes;
+  },
+  get label() {
+    return model.label;
   },
   decode,
   encode,

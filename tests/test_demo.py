@@ -2,9 +2,10 @@
 
 The browser tests drive Debian's Chromium (/usr/bin/chromium) with playwright on a phone viewport
 with touch emulation, against the `trained_run("conv")` run exported by export/to_onnx.py, and
-compare what the page computes with onnxruntime-python on the same inputs. Nothing is installed or
-downloaded here: .ci/run installs chromium (apt) and runs `npm ci` in mobile_demo/. Without them
-the browser tests skip locally and FAIL on CI (CI=true).
+compare what the page computes with onnxruntime-python on the same inputs; a small conditional
+run (`trained_run("mlp", conditional=True)`) checks the class picker the same way. Nothing is
+installed or downloaded here: .ci/run installs chromium (apt) and runs `npm ci` in mobile_demo/.
+Without them the browser tests skip locally and FAIL on CI (CI=true).
 """
 
 from __future__ import annotations
@@ -266,16 +267,21 @@ class Onnx:
         self.manifest = json.loads((export_dir / "manifest.json").read_text())
         self.latent_dim = self.manifest["latent_dim"]
         self.shape = tuple(self.manifest["image_shape"])
+        self.classes = self.manifest.get("classes", [])  # a conditional model's class names
         self.sessions = {f: ort.InferenceSession(str(export_dir / f), providers=["CPUExecutionProvider"])
                          for f in ("encoder.onnx", "decoder.onnx")}
 
-    def decode(self, z, file: str = "decoder.onnx") -> np.ndarray:
-        z = np.asarray(z, np.float32).reshape(-1, self.latent_dim)
-        return self.sessions[file].run(["x_mean"], {"z": z})[0]
+    def condition(self, label: int | None, n: int) -> dict:
+        """A conditional model's feed y = one_hot(label), (n, num_classes); {} without a label."""
+        return {} if label is None else {"y": np.eye(len(self.classes), dtype=np.float32)[[label] * n]}
 
-    def encode(self, x):
+    def decode(self, z, file: str = "decoder.onnx", label: int | None = None) -> np.ndarray:
+        z = np.asarray(z, np.float32).reshape(-1, self.latent_dim)
+        return self.sessions[file].run(["x_mean"], {"z": z, **self.condition(label, len(z))})[0]
+
+    def encode(self, x, label: int | None = None):
         x = np.asarray(x, np.float32).reshape(-1, *self.shape)
-        return self.sessions["encoder.onnx"].run(["loc", "scale"], {"x": x})
+        return self.sessions["encoder.onnx"].run(["loc", "scale"], {"x": x, **self.condition(label, len(x))})
 
 
 @pytest.fixture(scope="module")
@@ -524,3 +530,185 @@ def test_screenshot_command_writes_the_readme_picture(demo_run, tmp_path):
                           "--out", str(tmp_path / "no.png")], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "to_onnx.py" in bad.stderr
     assert not (tmp_path / "no.png").exists()
+
+
+# ---------------------------------------------------------------- a conditional model: the class picker
+LABEL_EFFECT = 0.005  # mean |x_mean(class a) - x_mean(class b)| at the same z: 0 if y were ignored
+
+
+@pytest.fixture(scope="session")
+def conditional_run(trained_run, tmp_path_factory):
+    """The small conditional mlp run (the one tests/test_conditional_export.py exports in full),
+    exported here to float32 ONNX only (encoder.onnx, decoder.onnx: what the page loads first),
+    into a folder of its own."""
+    from kvae.export_onnx import export_onnx
+
+    run = trained_run("mlp", conditional=True)
+    demo = tmp_path_factory.mktemp("demo-conditional-run")
+    export_onnx(run, demo / "export", quantize=())
+    return demo
+
+
+@pytest.fixture(scope="module")
+def conditional_page(browser_page, conditional_run):
+    """The demo for the conditional run in a second tab of browser_page's phone-sized Chromium
+    (playwright's sync API drives one at a time per thread); yields (page, problems, onnx, cdp)."""
+    first = browser_page[0]
+    server = make_server(conditional_run, port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    page = first.context.new_page()
+    problems: list[str] = []  # as screenshot.demo_page collects them
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
+    page.set_default_timeout(60_000)  # a safety net, not a speed goal
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_function("window.kvae !== undefined")
+        page.evaluate("window.kvae.ready")
+        yield page, problems, Onnx(conditional_run / "export"), first.context.new_cdp_session(page)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(ARTIFACTS / "demo_phone_conditional.png"), full_page=True)
+    finally:
+        page.close()
+        first.bring_to_front()
+        server.shutdown()
+        server.server_close()
+
+
+def pick_class(page, label: int, view: str) -> None:
+    """Picks class `label` in the nav's picker (a real change event) and waits until `view`
+    (sample, explore, draw, interp) was redrawn with it and nothing is left in flight."""
+    page.select_option("#class", str(label))
+    page.wait_for_function(f"window.kvae.state.{view} && window.kvae.state.{view}.label === {label}")
+    page.evaluate("window.kvae.settled()")
+
+
+@pytest.mark.slow
+def test_an_unconditional_run_shows_no_class_picker(browser_page):
+    page, problems, onnx, _ = browser_page
+    assert "classes" not in onnx.manifest and not onnx.manifest.get("conditional")
+    assert page.locator("#class-picker").is_hidden()
+    assert page.locator("#class option").count() == 0
+    assert page.evaluate("window.kvae.classes") == [] and page.evaluate("window.kvae.label") is None
+    assert page.evaluate("window.kvae.state.sample.label") is None
+    assert "classes" not in page.text_content("#status")
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_the_class_picker_lists_the_manifest_classes(conditional_page):
+    page, problems, onnx, _ = conditional_page
+    assert onnx.manifest["conditional"] is True and len(onnx.classes) == 10
+    status = page.text_content("#status")
+    assert status.startswith("Ready") and f"conditional on {len(onnx.classes)} classes" in status, status
+    picker = page.locator("#class-picker")
+    assert picker.is_visible()
+    options = page.eval_on_selector_all("#class option", "os => os.map(o => [o.value, o.textContent])")
+    assert options == [[str(i), name] for i, name in enumerate(onnx.classes)]
+    assert page.input_value("#class") == "0" and page.evaluate("window.kvae.state.sample.label") == 0
+    assert page.evaluate("window.kvae.classes") == onnx.classes
+    box = picker.bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= 390  # in the phone's width
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # The picker makes the sticky nav taller: a section link still shows its section's top.
+    page.click("nav a[href='#explore']")
+    page.wait_for_function("""() => { const top = document.querySelector("#explore").getBoundingClientRect().top;
+        return top >= document.querySelector("nav").getBoundingClientRect().bottom && top < 200; }""")
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_the_picked_class_conditions_the_seeded_sample(conditional_page):
+    """The seeded eps of test_seeded_sample_matches_onnxruntime_python, decoded with y = one_hot(class):
+    the page's images equal onnxruntime-python's, and two classes give two different grids."""
+    page, problems, onnx, _ = conditional_page
+    page.fill("#seed", "1234")
+    page.press("#seed", "Enter")
+    page.wait_for_function("window.kvae.state.sample.seed === 1234")
+    L, H, W, C = onnx.latent_dim, *onnx.shape
+    images, diffs = {}, {}
+    for label in (3, 7):
+        pick_class(page, label, "sample")
+        sample = page.evaluate("""() => { const s = window.kvae.state.sample;
+            return {seed: s.seed, n: s.n, z: Array.from(s.z), x: Array.from(s.x)}; }""")
+        assert sample["seed"] == 1234 and sample["n"] == 16
+        assert sample["z"] == page.evaluate(f"Array.from(window.kvae.sampleZ(1234, {16 * L}))")
+        z = np.array(sample["z"], np.float32).reshape(16, L)
+        x_page = np.array(sample["x"], np.float32).reshape(16, H, W, C)
+        x_python = onnx.decode(z, label=label)
+        diffs[label] = float(np.abs(x_page - x_python).max())
+        assert diffs[label] <= TOL, (label, diffs[label])
+        grid = canvas_pixels(page, "#grid").astype(int)  # what is on screen is what was decoded
+        tiles = x_python.reshape(4, 4, H, W, C).transpose(0, 2, 1, 3, 4).reshape(4 * H, 4 * W, C)
+        assert np.abs(grid[..., :C] - np.round(255 * tiles)).max() <= 1
+        images[label] = (x_page, grid)
+    change = np.abs(images[3][0] - images[7][0]).mean()
+    print(f"sample: max abs diff vs onnxruntime-python {max(diffs.values()):.2g}; "
+          f"mean abs change class 3 -> 7 {change:.3g}")
+    assert change > LABEL_EFFECT, f"the class does not change the images ({change})"
+    assert np.abs(images[3][1] - images[7][1]).max() > 10  # and the change is on screen
+    assert problems == []
+
+
+@pytest.mark.slow
+def test_explore_and_draw_use_the_picked_class(conditional_page):
+    page, problems, onnx, cdp = conditional_page
+    H, W, C = onnx.shape
+    diffs = []
+    pick_class(page, 2, "explore")
+    # Explore: the sliders' z, decoded as the picked class; another class redraws the same z.
+    slider = page.locator("#sliders input[type=range]").first
+    slider.evaluate("el => el.scrollIntoView({block: 'center'})")
+    version = page.evaluate("window.kvae.state.explore.version")
+    slider.focus()
+    page.keyboard.press("End")
+    page.wait_for_function(f"window.kvae.state.explore.version > {version}")
+    page.evaluate("window.kvae.settled()")
+    shown = {}
+    for label in (2, 8):
+        if label != 2:
+            pick_class(page, label, "explore")
+        explore = page.evaluate("""() => ({z: Array.from(window.kvae.state.explore.z),
+                                           x: Array.from(window.kvae.state.explore.x)})""")
+        assert explore["z"][0] == 3
+        diffs.append(np.abs(np.array(explore["x"]) - onnx.decode(explore["z"], label=label).ravel()).max())
+        assert diffs[-1] <= TOL, (label, diffs[-1])
+        shown[label] = canvas_pixels(page, "#explore-out").astype(int)
+    assert np.abs(shown[2] - shown[8]).max() > 10, "the class does not change the Explore image"
+    # Draw: the stroke encoded with y = the picked class and reconstructed with it.
+    pen = page.locator("#pen")
+    pen.evaluate("el => el.scrollIntoView({block: 'center'})")
+    touch_stroke(cdp, polyline(pen.bounding_box(), [(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)]))  # a "7"
+    page.evaluate("window.kvae.settled()")
+    posteriors = {}
+    for label in (8, 5):
+        if label != 8:
+            pick_class(page, label, "draw")  # the drawing is encoded again with the new class
+        draw = page.evaluate("""() => { const d = window.kvae.state.draw;
+            return {label: d.label, x: d.x && Array.from(d.x), loc: d.loc && Array.from(d.loc),
+                    scale: d.scale && Array.from(d.scale), recon: d.recon && Array.from(d.recon)}; }""")
+        assert draw["label"] == label and draw["x"] is not None, "the touch stroke was not encoded"
+        x = np.array(draw["x"], np.float32).reshape(1, H, W, C)
+        loc, scale = np.array(draw["loc"], np.float32), np.array(draw["scale"], np.float32)
+        loc_python, scale_python = onnx.encode(x, label=label)
+        diffs += [np.abs(loc - loc_python[0]).max(), np.abs(scale - scale_python[0]).max(),
+                  np.abs(np.array(draw["recon"]) - onnx.decode(loc, label=label).ravel()).max()]
+        assert max(diffs[-3:]) <= TOL, (label, diffs[-3:])
+        posteriors[label] = (x, loc)
+    assert np.array_equal(posteriors[8][0], posteriors[5][0])  # the same drawing ...
+    assert np.abs(posteriors[8][1] - posteriors[5][1]).max() > 1e-3  # ... encoded with another y
+    # Interpolate: from the drawing's loc, decoded as the picked class.
+    page.click("#a-from-draw")
+    page.wait_for_function("window.kvae.state.slots.a[0] === window.kvae.state.draw.loc[0]")
+    page.evaluate("window.kvae.settled()")
+    interp = page.evaluate("""() => ({z: Array.from(window.kvae.state.interp.z), label: window.kvae.state.interp.label,
+                                      x: Array.from(window.kvae.state.interp.x)})""")
+    assert interp["label"] == 5
+    z_interp = np.array(interp["z"], np.float32).reshape(-1, onnx.latent_dim)
+    diffs.append(np.abs(np.array(interp["x"]) - onnx.decode(z_interp, label=5).ravel()).max())
+    assert diffs[-1] <= TOL
+    print(f"explore, draw, interpolate: max abs diff vs onnxruntime-python {max(diffs):.2g}")
+    assert problems == []
