@@ -35,6 +35,7 @@ class Config:
     binarize: str = "auto"  # dynamic | static | none; auto = dynamic for bernoulli, none for gaussian
     image_size: int | None = None  # center-crop to a square, resize to N x N (celeb_a: 64); default: as stored
     cache: str = "none"  # cache decoded streamed images (folders, big TFDS): none | memory | PATH prefix
+    conditional: bool = False  # condition on the class label: Q(z|X,y), P(X|z,y) (Doersch section 4)
     # Model
     arch: str = "conv"  # conv (Conv2D / Conv2DTranspose) or mlp
     latent_dim: int = 32  # size of z

@@ -9,6 +9,10 @@ preprocessing, the sha256 of the Keras files they came from). Signatures, the sa
     encoder  x (batch, H, W, C) float32 in [0, 1]  ->  loc, scale (batch, latent_dim) float32
     decoder  z (batch, latent_dim) float32         ->  x_mean (batch, H, W, C) float32
 
+A conditional model (trained with --conditional) has one more input in both halves, the
+condition `y`: float32 (batch, num_classes), the one-hot class label; the header then names the
+classes ("classes", index = class id).
+
 Every file also carries key/value metadata (`metadata` below): ONNX `metadata_props`, and in a
 .tflite file a JSON entry named `kvae` in the flatbuffer's metadata table.
 """
@@ -28,10 +32,16 @@ PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED = ("fp16", "int8")
 FORMATS = ("tflite", "onnx")
 INPUT = {"encoder": "x", "decoder": "z"}
+CONDITION = "y"  # the second input of a conditional model's halves: one-hot (batch, num_classes)
 OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
 MANIFEST = "manifest.json"
 TFLITE_METADATA = "kvae"  # the name of kvae's entry in a .tflite file's metadata table
 _TFLITE_IDENTIFIER = b"TFL3"
+
+
+def inputs(half: str, conditional: bool = False) -> tuple[str, ...]:
+    """The input names of a half: ("x",) / ("z",), and CONDITION after it for a conditional model."""
+    return (INPUT[half], CONDITION) if conditional else (INPUT[half],)
 
 
 def filename(half: str, precision: str, fmt: str) -> str:

@@ -106,7 +106,9 @@ class Data:
     """Training and held-out images: uint8 (0..255) or float32 (0..1), shape (N, H, W, C).
 
     `x_val` is a numpy array; `x_train` is one too, or a `Stream` for image folders and TFDS
-    datasets over STREAM_BYTES (read from disk as training goes).
+    datasets over STREAM_BYTES (read from disk as training goes). `y_train` / `y_val` are class
+    ids 0..len(class_names)-1 (int64; -1 for an image without one), or None without labels;
+    `class_names` names the classes (None without labels).
     """
 
     name: str
@@ -114,10 +116,48 @@ class Data:
     x_val: np.ndarray
     y_train: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    class_names: tuple[str, ...] | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names or ())
+
+    def labels(self, split: str = "train") -> np.ndarray:
+        """The class ids of `split` (train | val) for conditional training; KVAEError (one line)
+        if the dataset has none, or not for every image."""
+        y = self.y_train if split == "train" else self.y_val
+        x = self.x_train if split == "train" else self.x_val
+        if y is None or not self.class_names:
+            raise KVAEError(f"--conditional needs class labels and {self.name} has none: use "
+                            "mnist-5k, a TFDS dataset with a 'label' feature, an .npz with 'y', or "
+                            "an image folder with one sub-folder per class")
+        if len(y) != len(x) or (len(y) and int(np.min(y)) < 0):
+            missing = int(np.sum(np.asarray(y) < 0)) if len(y) == len(x) else abs(len(x) - len(y))
+            raise KVAEError(f"{self.name}: {missing} of {len(x)} {split} images have no class label "
+                            "(every image needs one for --conditional)")
+        return np.asarray(y, np.int64)
+
+
+def one_hot(y, num_classes: int) -> np.ndarray:
+    """Class ids (N,) -> float32 (N, num_classes): the condition y the conditional model takes.
+
+    Raises:
+      ValueError: an id outside 0..num_classes-1 (numpy would wrap -1, "no label", to the last class).
+    """
+    y = np.asarray(y, np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"class ids must be in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
+    return np.eye(num_classes, dtype=np.float32)[y]
+
+
+def _class_ids(y: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels of any kind -> (ids 0..K-1 in sorted order of the labels, the labels as names)."""
+    values, ids = np.unique(np.asarray(y), return_inverse=True)
+    return ids.astype(np.int64).reshape(-1), tuple(str(v) for v in values)
 
 
 def to_unit(x: np.ndarray) -> np.ndarray:
@@ -171,8 +211,11 @@ def load(dataset: str, data_dir: str | None = None, val_size: int = 500,
                             for i in range(0, len(x), 1024)])
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
     val, train = order[:val_size], order[val_size:]
+    names = None
+    if y is not None:
+        y, names = _class_ids(y)
     return Data(dataset, x[train], x[val], None if y is None else y[train],
-                None if y is None else y[val])
+                None if y is None else y[val], names)
 
 
 def fit_size(x, size: int):
@@ -231,8 +274,9 @@ def _npz(path: Path):
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise KVAEError(f"{path}: 'x' must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; "
                         f"got {x.shape}")
-    if y is not None and len(y) != len(x):
-        raise KVAEError(f"{path}: 'y' has {len(y)} entries but 'x' has {len(x)}")
+    if y is not None and (y.ndim != 1 or len(y) != len(x)):
+        raise KVAEError(f"{path}: 'y' must hold one label per image: it has shape {y.shape}, "
+                        f"'x' has {len(x)} images")
     if x.dtype != np.uint8:
         if not np.issubdtype(x.dtype, np.number):
             raise KVAEError(f"{path}: 'x' must be numeric, got {x.dtype}")
@@ -288,7 +332,14 @@ def _folder(path: Path, val_size: int, image_size: int | None) -> Data:
     key = _key(train, shape, image_size)
     stream = Stream(str(path), len(train), shape, lambda a, b: read(train[a:b]), key)
     x_val = Stream(str(path), len(val), shape, lambda a, b: read(val[a:b]), key)[:]
-    return Data(str(path), stream, x_val)
+    # classes: the first-level sub-folders (sorted names); an image directly in `path` has none
+    folders = [f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None
+               for f in files]
+    names = tuple(sorted({c for c in folders if c is not None}))
+    if not names:
+        return Data(str(path), stream, x_val)
+    ids = np.array([names.index(c) if c is not None else -1 for c in folders], np.int64)
+    return Data(str(path), stream, x_val, ids[order[val_size:]], ids[order[:val_size]], names)
 
 
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L")
@@ -411,16 +462,20 @@ def _tfds(name: str, data_dir: str | None, val_size: int, split: str,
         return Stream(name, count, shape, lambda a, b: images(f"train[{a}:{b}]"),
                       _key(name, count, shape, image_size))
 
+    features = tfds.builder(name, data_dir=data_dir).info.features if "label" in \
+        train.element_spec else {}
+    label = features["label"] if "label" in features else None  # FeaturesDict has no .get
+    names = tuple(str(c) for c in label.names) if getattr(label, "names", None) else None
     if split == "test":
         x_val, y_val = read("test")
-        return Data(name, stream(n), x_val, None, y_val)
+        return Data(name, stream(n), x_val, None, y_val, names)
     if n <= val_size:
         raise KVAEError(f"{name} has {n} examples; need more than --val-size {val_size}")
-    if n * int(np.prod(shape)) > STREAM_BYTES:
+    if n * int(np.prod(shape)) > STREAM_BYTES:  # streamed: no training labels (not read up front)
         x_val, y_val = read(f"train[{n - val_size}:]")
-        return Data(name, stream(n - val_size), x_val, None, y_val)
+        return Data(name, stream(n - val_size), x_val, None, y_val, names)
     x, y = read("train")
-    return Data(name, x[:-val_size], x[-val_size:], y[:-val_size], y[-val_size:])
+    return Data(name, x[:-val_size], x[-val_size:], y[:-val_size], y[-val_size:], names)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -440,7 +495,8 @@ def steps_per_execution(steps: int, wanted: int) -> int:
 
 
 def train_dataset(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: int,
-                  initial_epoch: int, epochs: int, cache: str = "none"):
+                  initial_epoch: int, epochs: int, cache: str = "none",
+                  y: np.ndarray | None = None, num_classes: int = 0):
     """Batches for epochs [initial_epoch, epochs): shuffled and binarized from (seed, epoch).
 
     An array is shuffled as a whole each epoch. A Stream is read in its fixed order (decoded with
@@ -453,6 +509,8 @@ def train_dataset(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: 
       initial_epoch, epochs: the epochs to give (a resumed run starts after its last one).
       cache: Stream only: `none`, `memory`, or a path prefix for files that keep the decoded
         images (`PREFIX.<key>.*`; the key names the images, so other data never reads them).
+      y, num_classes: class ids of the images (conditional training): each batch is then
+        ((x, one-hot y),), shuffled with its images; else (x,) as before.
 
     Returns:
       (dataset, steps_per_epoch). Partial last batches are dropped (a fixed step count per epoch).
@@ -464,28 +522,33 @@ def train_dataset(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: 
     steps = steps_per_epoch(n, batch_size)
     scale = 1 / 255 if x.dtype == np.uint8 else 1.0
 
-    def to_batch(e, i, xb):  # (B, H, W, C) as stored -> float32 0..1, binarized
+    onehot = None if y is None else tf.constant(one_hot(y, num_classes))  # (N, K)
+
+    def to_batch(e, i, xb, yb=None):  # (B, H, W, C) as stored -> float32 0..1, binarized
         xb = tf.cast(xb, tf.float32) * scale
         if binarize == "dynamic":
             u = tf.random.stateless_uniform(tf.shape(xb), seed=tf.stack([seed, e * 1_000_003 + i]))
             xb = tf.cast(u < xb, tf.float32)
         elif binarize == "static":
             xb = tf.cast(xb > 0.5, tf.float32)
-        return xb
+        return xb if yb is None else ((xb, yb),)
 
     if isinstance(x, Stream):
         images = _cached(x.read(0, n), cache, x.key)
+        if onehot is not None:  # each image with its label, through the same shuffles
+            images = tf.data.Dataset.zip((images, tf.data.Dataset.from_tensor_slices(onehot)))
         window = max(batch_size, SHUFFLE_BYTES // max(1, int(np.prod(x.image_shape))))
 
         def epoch(e):
-            def shuffle(k, xw):  # window k of epoch e; window 0 shuffles as an array would
+            def shuffle(k, w):  # window k of epoch e; window 0 shuffles as an array would
+                rows = tf.range(tf.shape(tf.nest.flatten(w)[0])[0])
                 order = tf.random.experimental.stateless_shuffle(
-                    tf.range(tf.shape(xw)[0]), seed=tf.stack([seed, e + k * 1_000_003]))
-                return tf.gather(xw, order)
+                    rows, seed=tf.stack([seed, e + k * 1_000_003]))
+                return tf.nest.map_structure(lambda t: tf.gather(t, order), w)
 
             batches = images.batch(window).enumerate().map(shuffle).unbatch()
             return batches.batch(batch_size, drop_remainder=True).enumerate().map(
-                lambda i, xb: to_batch(e, i, xb))
+                lambda i, b: to_batch(e, i, *b) if onehot is not None else to_batch(e, i, b))
     else:
         array = tf.constant(x)  # uint8 or float32, (N, H, W, C)
 
@@ -493,7 +556,10 @@ def train_dataset(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: 
             order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=tf.stack([seed, e]))
             batches = tf.data.Dataset.from_tensor_slices(
                 tf.reshape(order[: steps * batch_size], (steps, batch_size)))
-            return batches.enumerate().map(lambda i, idx: to_batch(e, i, tf.gather(array, idx)))
+            if onehot is None:
+                return batches.enumerate().map(lambda i, idx: to_batch(e, i, tf.gather(array, idx)))
+            return batches.enumerate().map(
+                lambda i, idx: to_batch(e, i, tf.gather(array, idx), tf.gather(onehot, idx)))
 
     ds = tf.data.Dataset.range(initial_epoch, epochs).flat_map(epoch)
     return ds.prefetch(tf.data.AUTOTUNE), steps
@@ -516,7 +582,7 @@ def _cached(images, cache: str, key: str):
 
 
 def train_batches(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: int,
-                  initial_epoch: int, epochs: int):
+                  initial_epoch: int, epochs: int, y: np.ndarray | None = None, num_classes: int = 0):
     """`train_dataset` for backends without tf.data (jax): numpy batches from a generator.
 
     The same rules (order and binarization are functions of (seed, epoch), partial batches
@@ -539,20 +605,24 @@ def train_batches(x: np.ndarray | Stream, batch_size: int, binarize: str, seed: 
         for e in range(initial_epoch, epochs):
             order = np.random.default_rng([seed, e]).permutation(n)
             for i in range(steps):
-                xb = to_unit(x[order[i * batch_size:(i + 1) * batch_size]])
+                rows = order[i * batch_size:(i + 1) * batch_size]
+                xb = to_unit(x[rows])
                 if binarize == "dynamic":
                     u = np.random.default_rng([seed, e, i]).random(xb.shape, dtype=np.float32)
                     xb = (u < xb).astype(np.float32)
                 elif binarize == "static":
                     xb = (xb > 0.5).astype(np.float32)
-                yield (xb,)
+                yield (xb,) if y is None else ((xb, one_hot(y[rows], num_classes)),)
 
     return batches(), steps
 
 
-def eval_dataset(x: np.ndarray, batch_size: int, binarize: str):
-    """Held-out batches in order, binarized once with the fixed EVAL_SEED."""
+def eval_dataset(x: np.ndarray, batch_size: int, binarize: str, y: np.ndarray | None = None,
+                 num_classes: int = 0):
+    """Held-out batches in order, binarized once with the fixed EVAL_SEED; with class ids `y`
+    each batch is ((x, one-hot y),) as in `train_dataset`."""
     import tensorflow as tf
 
     xb = binarize_fixed(x, binarize)
-    return tf.data.Dataset.from_tensor_slices(xb).batch(batch_size).cache().prefetch(2)
+    items = xb if y is None else ((xb, one_hot(y, num_classes)),)
+    return tf.data.Dataset.from_tensor_slices(items).batch(batch_size).cache().prefetch(2)

@@ -74,6 +74,8 @@ def main(argv=None) -> None:
     parser.add_argument("images", metavar="IMAGES", nargs="+", help="image files or folders")
     parser.add_argument("--out", default="codes.npy",
                         help=".npy (loc only) or .npz (loc, scale, files); default codes.npy")
+    parser.add_argument("--label", default=None,
+                        help="conditional models: the class (id or name) of every image")
     parser.add_argument("--resize", action="store_true",
                         help="resize images to the encoder's size instead of refusing them")
     add_runtime_flags(parser)
@@ -91,7 +93,10 @@ def main(argv=None) -> None:
                           threads=args.threads, xnnpack=args.xnnpack, verify=args.verify)
         files = image_files(args.images)
         x = read_images(files, encoder.image_shape, args.resize)
-        loc, scale = encoder.encode(x)
+        label = args.label
+        if label is not None and label not in encoder.classes and label.isdigit():
+            label = int(label)  # a class id
+        loc, scale = encoder.encode(x, label)
         buffer = io.BytesIO()
         if out.suffix.lower() == ".npy":
             np.save(buffer, loc)

@@ -29,12 +29,15 @@ from kvae.runlock import run_lock
 
 
 def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
-             budget: int = 1 << 23, progress: bool = False) -> dict[str, np.ndarray]:
-    """Per-example importance-weighted -log P(X) and single-sample ELBO parts, in nats.
+             budget: int = 1 << 23, progress: bool = False,
+             y: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per-example importance-weighted -log P(X) (-log P(X|y) for a conditional model, with
+    Q(z|X, y) as the proposal) and single-sample ELBO parts, in nats.
 
     Args:
       vae: a kvae.model.VAE.
       x: (N, H, W, C) float32 in [0, 1], already binarized for a Bernoulli likelihood.
+      y: (N, num_classes) one-hot conditions of a conditional model (None otherwise).
       k: importance samples per example.
       seed: seeds eps (stateless: the same seed gives the same estimate).
       batch_size: examples per encoder call.
@@ -54,9 +57,12 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
     batch_size = max(1, min(batch_size, len(x)))
     chunk = max(1, min(k, budget // (batch_size * pixels)))
 
-    def log_px(xb, z):  # xb (B, H, W, C), z (s, B, D) -> (s, B) log P(X|z)
+    def log_px(xb, z, yb=None):  # xb (B, H, W, C), z (s, B, D), yb (B, K) -> (s, B) log P(X|z[, y])
         s, b = z.shape[0], z.shape[1]
-        logits = vae.decoder_net(ops.reshape(z, (-1, z.shape[-1])))
+        flat = ops.reshape(z, (-1, z.shape[-1]))  # sample-major: row i * B + j is image j
+        if yb is not None:
+            flat = [flat, ops.reshape(ops.broadcast_to(yb, (s, *yb.shape)), (-1, yb.shape[-1]))]
+        logits = vae.decoder_net(flat)
         x_rep = ops.reshape(ops.broadcast_to(xb, (s, *xb.shape)), logits.shape)
         return -ops.reshape(reconstruction_nll(x_rep, logits, vae.likelihood, vae.sigma), (s, b))
 
@@ -74,8 +80,9 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
                        disable=None)  # None: no bar when stderr is not a terminal (logs, CI)
     for b_index, start in enumerate(batches):
         xb = np.asarray(x[start:start + batch_size], np.float32)
+        yb = None if y is None else np.asarray(y[start:start + batch_size], np.float32)
         loc, scale = (ops.convert_to_numpy(ops.cast(t, "float32")).astype(np.float64)
-                      for t in vae.encoder(xb))
+                      for t in vae.encoder(xb if yb is None else [xb, yb]))
         lse = np.full(len(xb), -np.inf)
         rec = np.zeros(len(xb))
         for c_index, c_start in enumerate(range(0, k, chunk)):
@@ -83,7 +90,7 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
             # eps from numpy, keyed by (seed, batch, chunk): the same draws on every backend
             eps = np.random.default_rng([seed, b_index, c_index]).standard_normal((s, *loc.shape))
             z, log_ratio = log_prior_over_q(loc, scale, eps)  # (s, B, D), (s, B)
-            lp = ops.convert_to_numpy(log_px(xb, z.astype(np.float32))).astype(np.float64)
+            lp = ops.convert_to_numpy(log_px(xb, z.astype(np.float32), yb)).astype(np.float64)
             lse = np.logaddexp(lse, logsumexp(lp + log_ratio))
             rec -= lp.sum(0)
         out["nll"].append(-(lse - math.log(k)))
@@ -107,16 +114,23 @@ def summarize(per_example: dict[str, np.ndarray]) -> dict[str, float]:
 
 def evaluate(vae, x: np.ndarray, binarize: str, k: int = 1000, n: int | None = None,
              seed: int = 0, split: str = "val", dataset: str = "",
-             progress: bool = False) -> dict:
-    """NLL (IWAE, k samples) and negative ELBO on images `x` of `split` (uint8 or [0, 1] floats)."""
-    from kvae.data import EVAL_SEED, binarize_fixed
+             progress: bool = False, labels: np.ndarray | None = None) -> dict:
+    """NLL (IWAE, k samples) and negative ELBO on images `x` of `split` (uint8 or [0, 1] floats);
+    for a conditional model -log P(X|y) with `labels` (class ids of `x`) as y."""
+    from kvae.data import EVAL_SEED, binarize_fixed, one_hot
 
     x = x[:n] if n else x
     xb = binarize_fixed(x, binarize)
-    result = summarize(iwae_nll(vae, xb, k, seed=seed, progress=progress))
+    y = None
+    if vae.num_classes:
+        if labels is None:
+            raise KVAEError("a conditional model is evaluated with the images' class labels")
+        y = one_hot(np.asarray(labels)[:len(x)], vae.num_classes)
+    result = summarize(iwae_nll(vae, xb, k, seed=seed, progress=progress, y=y))
     return {**result, "k": k, "n": int(len(x)), "seed": seed, "binarize": binarize,
             "binarize_seed": EVAL_SEED if binarize == "dynamic" else None,
-            "dataset": dataset, "split": split}
+            "dataset": dataset, "split": split,
+            **({"conditional": True, "nll_of": "-log P(X|y)"} if y is not None else {})}
 
 
 def save_figures(vae, x_val: np.ndarray, y_val, run: Path) -> list[Path]:
@@ -124,12 +138,17 @@ def save_figures(vae, x_val: np.ndarray, y_val, run: Path) -> list[Path]:
     from kvae import plots
     from kvae.data import to_unit
 
-    def decode(z):
-        return np.asarray(vae.decode(z.astype(np.float32)))
+    from kvae.data import one_hot
+
+    def decode(z):  # a conditional model's traversals are of its first class
+        y = one_hot(np.zeros(len(z), np.int64), vae.num_classes) if vae.num_classes else None
+        return np.asarray(vae.decode(z.astype(np.float32), y))
 
     x = to_unit(x_val[:2000])
-    loc = np.concatenate([np.asarray(vae.encode(x[i:i + 500])[0]) for i in range(0, len(x), 500)])
     labels = None if y_val is None else np.asarray(y_val)[:2000]
+    y = one_hot(labels, vae.num_classes) if vae.num_classes else None
+    loc = np.concatenate([np.asarray(vae.encode(x[i:i + 500], None if y is None else y[i:i + 500])[0])
+                          for i in range(0, len(x), 500)])
     written = [plots.latent_scatter(loc, labels, run / "latent.png")]
     if vae.latent_dim == 2:
         written.append(plots.manifold(decode, run / "manifold.png"))
@@ -141,7 +160,7 @@ def save_figures(vae, x_val: np.ndarray, y_val, run: Path) -> list[Path]:
 
 
 def format_table(result: dict) -> str:
-    rows = [("-log P(X) (IWAE)", "nll"), ("negative ELBO", "neg_elbo"),
+    rows = [(f"{result.get('nll_of', '-log P(X)')} (IWAE)", "nll"), ("negative ELBO", "neg_elbo"),
             ("  reconstruction", "reconstruction"), ("  KL", "kl")]
     lines = [f"{result['dataset']} {result['split']}: n={result['n']}, k={result['k']} (nats)"]
     lines += [f"  {label:<18} {result[key]:9.2f} +- {result[key + '_se']:.2f}" for label, key in rows]
@@ -191,8 +210,12 @@ def main(argv=None) -> None:
         if data.image_shape != vae.image_shape:
             raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}: "
                             f"pass a --dataset of {vae.image_shape} images")
+        labels = data.labels("val") if vae.num_classes else None
+        if labels is not None and data.num_classes != vae.num_classes:
+            raise KVAEError(f"{name} has {data.num_classes} classes, the conditional model "
+                            f"{vae.num_classes}: pass the --dataset it was trained on")
         result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
-                          seed=args.seed, split=split, dataset=name, progress=True)
+                          seed=args.seed, split=split, dataset=name, progress=True, labels=labels)
         print(format_table(result))
         runs.merge_metrics(run, {"eval": result})
         for path in save_figures(vae, data.x_val, data.y_val, run):

@@ -29,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from kvae import iwae, runs
-from kvae.contract import HALVES, OUTPUTS, QUANTIZED, filename, sha256, update_manifest
+from kvae.contract import (CONDITION, HALVES, INPUT, OUTPUTS, QUANTIZED, filename, inputs, sha256,
+                           update_manifest)
 from kvae.errors import KVAEError, describe_os_error
 from kvae.files import atomic_path, remove_stale_temps
 
@@ -68,6 +69,10 @@ class Run:
       x_select: (<= NLL_N, H, W, C) training images not used for calibration; loc_select,
         scale_select their Keras posterior; eps_select their eps. The int8 method is chosen on
         these and reported on the held-out x_nll (a number used for a choice is not a report).
+      conditions: a conditional model's one-hot y for each of the sets above, by the set's name
+        ("x_parity", "z_parity", ...): an image's own label, and for z ~ N(0, I) classes in
+        turn; None for an unconditional model.
+      class_names: the classes of a conditional model (index = class id).
     """
 
     path: Path
@@ -88,6 +93,8 @@ class Run:
     scale_select: np.ndarray
     eps_select: np.ndarray
     select_source: str = "training images not used for calibration"
+    conditions: dict | None = None
+    class_names: tuple[str, ...] | None = None
     _nll_fp32: dict = dataclasses.field(default_factory=dict)
     _keras_decode: Callable | None = None
 
@@ -100,6 +107,11 @@ class Run:
         return tuple(int(d) for d in self.encoder.inputs[0].shape[1:])
 
     @property
+    def num_classes(self) -> int:
+        """The condition's size (0: unconditional)."""
+        return int(self.encoder.inputs[1].shape[-1]) if len(self.encoder.inputs) > 1 else 0
+
+    @property
     def likelihood(self) -> str:
         return self.config.likelihood
 
@@ -107,43 +119,59 @@ class Run:
     def sigma(self) -> float:
         return float(self.config.sigma)
 
-    def keras_outputs(self, half: str, inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Float32 Keras outputs by contract name."""
-        if half == "encoder":
-            loc, scale = self.encoder(inputs, training=False)
-            return {"loc": np.asarray(loc), "scale": np.asarray(scale)}
-        return {"x_mean": np.asarray(self.decoder(inputs, training=False))}
+    def input_names(self, half: str) -> tuple[str, ...]:
+        return inputs(half, bool(self.num_classes))
 
-    def parity_inputs(self, half: str) -> np.ndarray:
-        return self.x_parity if half == "encoder" else self.z_parity
+    def keras_outputs(self, half: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Float32 Keras outputs by contract name, for inputs by contract name."""
+        args = [feeds[name] for name in self.input_names(half)]
+        args = args if len(args) > 1 else args[0]
+        if half == "encoder":
+            loc, scale = self.encoder(args, training=False)
+            return {"loc": np.asarray(loc), "scale": np.asarray(scale)}
+        return {"x_mean": np.asarray(self.decoder(args, training=False))}
+
+    def feeds(self, half: str, which: str = "parity") -> dict[str, np.ndarray]:
+        """The `parity` or `calibration` inputs of a half by contract name (y too if conditional)."""
+        name = f"{'x' if half == 'encoder' else 'z'}_{which}"
+        feeds = {INPUT[half]: getattr(self, name)}
+        if self.conditions is not None:
+            feeds[CONDITION] = self.conditions[name]
+        return feeds
 
     def parity_description(self, half: str) -> str:
         n = len(self.x_parity)
         if half == "encoder":
-            return (f"{n} validation {self.dataset} images ({self.preprocessing_short()}), "
-                    f"at batch {n} and batch 1")
-        return (f"{n} z ~ N(0, I) and {n} z ~ Q(z|X) of validation {self.dataset} images, "
-                f"at batch {n} and batch 1")
+            text = f"{n} validation {self.dataset} images ({self.preprocessing_short()})"
+            y = "; y their labels" if self.num_classes else ""
+        else:
+            text = f"{n} z ~ N(0, I) and {n} z ~ Q(z|X) of validation {self.dataset} images"
+            y = "; y the classes in turn, then the images' labels" if self.num_classes else ""
+        return f"{text}, at batch {n} and batch 1{y}"
 
     def preprocessing_short(self) -> str:
         mode = self.config.resolved_binarize
         return "binarized with a fixed seed" if mode == "dynamic" else (
             "binarized at 0.5" if mode == "static" else "pixels / 255")
 
-    def nll_images(self, images: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(x, loc, scale, eps) of `held_out` (what nll_delta reports) or `selection` images."""
+    def nll_images(self, images: str) -> tuple:
+        """(x, loc, scale, eps, y) of `held_out` (what nll_delta reports) or `selection` images;
+        y is None for an unconditional model."""
         if images == "held_out":
-            return self.x_nll, self.loc_nll, self.scale_nll, self.eps_nll
-        return self.x_select, self.loc_select, self.scale_select, self.eps_select
+            return (self.x_nll, self.loc_nll, self.scale_nll, self.eps_nll,
+                    None if self.conditions is None else self.conditions["x_nll"])
+        return (self.x_select, self.loc_select, self.scale_select, self.eps_select,
+                None if self.conditions is None else self.conditions["x_select"])
 
     def nll_fp32(self, images: str = "held_out") -> np.ndarray:
         """Per-image NLL with the float32 Keras decoder on `images` (computed once)."""
         if images not in self._nll_fp32:
-            self._nll_fp32[images] = iwae.nll(*self.nll_images(images), self.keras_decode(),
-                                              self.likelihood, self.sigma)
+            x, loc, scale, eps, y = self.nll_images(images)
+            self._nll_fp32[images] = iwae.nll(x, loc, scale, eps, self.keras_decode(),
+                                              self.likelihood, self.sigma, y=y)
         return self._nll_fp32[images]
 
-    def keras_decode(self) -> Callable[[np.ndarray], np.ndarray]:
+    def keras_decode(self) -> Callable:
         if self._keras_decode is None:
             self._keras_decode = keras_decode(self.decoder)
         return self._keras_decode
@@ -166,6 +194,15 @@ def load_run(run: str | Path) -> Run:
     if data.image_shape != image_shape:
         raise KVAEError(f"{config.dataset} images are {data.image_shape}, the model takes {image_shape}")
     latent_dim = int(decoder.inputs[0].shape[-1])
+    conditional = len(encoder.inputs) > 1
+    if conditional and int(encoder.inputs[1].shape[-1]) != data.num_classes:
+        raise KVAEError(f"{config.dataset} has {data.num_classes} classes, the conditional model "
+                        f"takes {int(encoder.inputs[1].shape[-1])}")
+    y_val = kdata.one_hot(data.labels("val"), data.num_classes) if conditional else None
+    y_train = kdata.one_hot(data.labels("train"), data.num_classes) if conditional else None
+
+    def encode(x, y):
+        return encoder(x if y is None else [x, y], training=False)
 
     mode = config.resolved_binarize
     rng = np.random.default_rng(NLL_SEED)
@@ -174,36 +211,56 @@ def load_run(run: str | Path) -> Run:
     x_nll = x_val[:NLL_N]
     x_calibration = kdata.binarize_fixed(data.x_train[:CALIBRATION_N], mode, seed=kdata.EVAL_SEED + 1)
 
-    def posterior_sample(x):
-        loc, scale = (np.asarray(t) for t in encoder(x, training=False))
+    def posterior_sample(x, y=None):
+        loc, scale = (np.asarray(t) for t in encode(x, y))
         return loc, scale, (loc + scale * rng.standard_normal(loc.shape)).astype(np.float32)
 
-    _, _, z_post = posterior_sample(x_parity)
+    def rows(y, n):
+        return None if y is None else y[:n]
+
+    _, _, z_post = posterior_sample(x_parity, rows(y_val, PARITY_N))
     z_parity = np.concatenate([rng.standard_normal((len(x_parity), latent_dim)).astype(np.float32),
                                z_post])
-    _, _, z_cal = posterior_sample(x_calibration)
+    _, _, z_cal = posterior_sample(x_calibration, rows(y_train, CALIBRATION_N))
     z_calibration = np.concatenate(
         [rng.standard_normal((len(x_calibration), latent_dim)).astype(np.float32), z_cal])
-    loc_nll, scale_nll, _ = posterior_sample(x_nll)
+    loc_nll, scale_nll, _ = posterior_sample(x_nll, rows(y_val, NLL_N))
     eps_nll = np.random.default_rng(NLL_SEED + 1).standard_normal(
         (NLL_K, len(x_nll), latent_dim)).astype(np.float32)
-    x_select = data.x_train[CALIBRATION_N:CALIBRATION_N + NLL_N]
+    select = slice(CALIBRATION_N, CALIBRATION_N + NLL_N)
     select_source = "training images not used for calibration"
-    if len(x_select) < 2:  # a tiny training set: its calibration images are all there is
-        x_select, select_source = data.x_train[:NLL_N], "training images (also the calibration ones)"
+    if len(range(len(data.x_train))[select]) < 2:  # a tiny training set: only calibration images
+        select, select_source = slice(0, NLL_N), "training images (also the calibration ones)"
+    x_select = data.x_train[select]
+    y_select = None if y_train is None else y_train[select]
     x_select = kdata.binarize_fixed(np.asarray(x_select), mode, seed=kdata.EVAL_SEED + 2)
-    loc_select, scale_select = (np.asarray(t) for t in encoder(x_select, training=False))
+    loc_select, scale_select = (np.asarray(t) for t in encode(x_select, y_select))
     eps_select = np.random.default_rng(NLL_SEED + 2).standard_normal(
         (NLL_K, len(x_select), latent_dim)).astype(np.float32)
+    conditions = None
+    if conditional:  # z from the prior: the classes in turn; z from a posterior: its image's class
+        turns = kdata.one_hot(np.arange(max(len(x_parity), len(x_calibration))) % data.num_classes,
+                              data.num_classes)
+        conditions = {"x_parity": y_val[:PARITY_N], "x_nll": y_val[:NLL_N],
+                      "z_parity": np.concatenate([turns[:len(x_parity)], y_val[:PARITY_N]]),
+                      "x_calibration": y_train[:CALIBRATION_N],
+                      "z_calibration": np.concatenate([turns[:len(x_calibration)],
+                                                       y_train[:CALIBRATION_N]]),
+                      "x_select": y_select}
     return Run(run, config, encoder, decoder, x_parity, z_parity, x_nll, loc_nll, scale_nll,
                eps_nll, x_calibration, z_calibration, config.dataset, x_select, loc_select,
-               scale_select, eps_select, select_source)
+               scale_select, eps_select, select_source, conditions,
+               data.class_names if conditional else None)
 
 
-def keras_decode(decoder) -> Callable[[np.ndarray], np.ndarray]:
-    """A numpy decode function around a Keras decoder, traced once (tf.function)."""
+def keras_decode(decoder) -> Callable:
+    """A numpy decode function around a Keras decoder, traced once (tf.function): decode(z), or
+    decode(z, y) for a conditional decoder."""
     import tensorflow as tf
 
+    if len(decoder.inputs) > 1:
+        fn = tf.function(lambda z, y: decoder([z, y], training=False), reduce_retracing=True)
+        return lambda z, y: fn(tf.constant(z), tf.constant(y)).numpy()
     fn = tf.function(lambda z: decoder(z, training=False), reduce_retracing=True)
     return lambda z: fn(tf.constant(z)).numpy()
 
@@ -248,6 +305,8 @@ def io_spec(run: Run, half: str) -> tuple[list[dict], list[dict]]:
     else:
         inputs = [{"name": "z", "shape": ["batch", d], "dtype": "float32"}]
         outputs = [{"name": "x_mean", "shape": ["batch", *image], "dtype": "float32"}]
+    if run.num_classes:
+        inputs.append({"name": CONDITION, "shape": ["batch", run.num_classes], "dtype": "float32"})
     return inputs, outputs
 
 
@@ -255,9 +314,12 @@ def metadata(run: Run, half: str, precision: str) -> dict[str, str]:
     """Key-value metadata stored inside each file (ONNX metadata_props; TFLite `kvae` buffer)."""
     from kvae import __version__
 
-    return {"kvae_version": __version__, "half": half, "precision": precision,
-            "latent_dim": str(run.latent_dim), "image_shape": json.dumps(list(run.image_shape)),
-            "likelihood": run.likelihood, "sigma": repr(run.sigma), "pixel_range": PIXEL_RANGE}
+    values = {"kvae_version": __version__, "half": half, "precision": precision,
+              "latent_dim": str(run.latent_dim), "image_shape": json.dumps(list(run.image_shape)),
+              "likelihood": run.likelihood, "sigma": repr(run.sigma), "pixel_range": PIXEL_RANGE}
+    if run.num_classes:
+        values["classes"] = json.dumps(list(run.class_names))
+    return values
 
 
 def preprocessing(run: Run) -> str:
@@ -271,16 +333,23 @@ def preprocessing(run: Run) -> str:
     text += ("z: float32 (batch, latent_dim); sample z ~ N(0, I), or z = loc + scale * eps with "
              "eps ~ N(0, I), with the host's random numbers (no random ops in the files). "
              f"x_mean: float32 in [0, 1], the {run.likelihood} mean of P(X|z).")
+    if run.num_classes:
+        text = text.replace("mean of P(X|z).", "mean of P(X|z, y).") + (
+            f" y: float32 (batch, {run.num_classes}), the one-hot class label (index = position in "
+            "the manifest's classes); both halves take it.")
     return text
 
 
 def manifest_header(run: Run) -> dict:
     from kvae import __version__
 
-    return {"kvae_version": __version__, "latent_dim": run.latent_dim,
-            "image_shape": list(run.image_shape), "likelihood": run.likelihood, "sigma": run.sigma,
-            "preprocessing": preprocessing(run),
-            "source": {name: sha256(run.path / name) for name in ("encoder.keras", "decoder.keras")}}
+    header = {"kvae_version": __version__, "latent_dim": run.latent_dim,
+              "image_shape": list(run.image_shape), "likelihood": run.likelihood, "sigma": run.sigma,
+              "preprocessing": preprocessing(run),
+              "source": {name: sha256(run.path / name) for name in ("encoder.keras", "decoder.keras")}}
+    if run.num_classes:
+        header.update(conditional=True, classes=list(run.class_names))
+    return header
 
 
 def file_entry(path: Path, run: Run, half: str, fmt: str, precision: str, check: dict, **extra) -> dict:

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from kvae import iwae
-from kvae.contract import INPUT, OUTPUTS
+from kvae.contract import CONDITION, INPUT, OUTPUTS
 from kvae.errors import KVAEError
 from kvae.export import INT8_METHODS, NLL_SEED, log, quiet
 from kvae.sessions import Session, first_line
@@ -71,26 +71,27 @@ def check_file(path: Path, run, half: str, precision: str, name: str,
     Raises:
       KVAEError: the runtime cannot load or run the file, or `parity` fails.
     """
-    inputs = run.parity_inputs(half)
-    reference = run.keras_outputs(half, inputs)
+    feeds = run.feeds(half, "parity")
+    reference = run.keras_outputs(half, feeds)
+    n = len(feeds[INPUT[half]])
     runtime = "onnxruntime" if keys is None else "LiteRT"
     results = []
     try:
         if keys is not None:
-            want = {"inputs": [INPUT[half]], "outputs": sorted(OUTPUTS[half])}
+            want = {"inputs": sorted(feeds), "outputs": sorted(OUTPUTS[half])}
             listed = open_session(path, "serving_default").signature_list
-            got = {k: {"inputs": v["inputs"], "outputs": sorted(v["outputs"])} for k, v in listed.items()}
+            got = {k: {"inputs": sorted(v["inputs"]), "outputs": sorted(v["outputs"])}
+                   for k, v in listed.items()}
             if got != {key: want for key in keys}:
                 raise KVAEError(f"{name}: self-check failed: signatures {got}, expected {keys} with {want}")
         for key in keys or [None]:
             if key in (None, "serving_default"):
-                for calls_of in (len(inputs), 1):
-                    session = open_session(path, key, max_batch=calls_of)
-                    results.append(session.run(**{INPUT[half]: inputs}))
+                for calls_of in (n, 1):
+                    results.append(open_session(path, key, max_batch=calls_of).run(**feeds))
             else:
                 batch = int(key[len("batch"):])
-                rows = len(inputs) - 1 if batch > 1 and len(inputs) % batch == 0 else len(inputs)
-                results.append(open_session(path, key).run(**{INPUT[half]: inputs[:rows]}))
+                rows = n - 1 if batch > 1 and n % batch == 0 else n
+                results.append(open_session(path, key).run(**{k: v[:rows] for k, v in feeds.items()}))
     except KVAEError as e:
         if str(e).startswith(f"{name}: self-check failed"):
             raise
@@ -165,10 +166,10 @@ def nll_entry(run, decode: Callable[[np.ndarray], np.ndarray] | None = None,
     Returns:
       {"nll_delta": mean change in nats, "nll": {fp32, variant, delta_se, n, k, inputs}}.
     """
-    x, loc0, scale0, eps = run.nll_images(images)
+    x, loc0, scale0, eps, y = run.nll_images(images)
     reference = run.nll_fp32(images)
     nll = iwae.nll(x, loc0 if loc is None else loc, scale0 if scale is None else scale, eps,
-                   decode or run.keras_decode(), run.likelihood, run.sigma, p_range)
+                   decode or run.keras_decode(), run.likelihood, run.sigma, p_range, y=y)
     diff = nll - reference
     if not np.all(np.isfinite(diff)):
         raise KVAEError(f"NLL with the exported {what} is not finite")
@@ -193,13 +194,15 @@ def nll_of_file(run, half: str, path: Path, batch: int, signature: str | None = 
     the other rows of its call."""
     session = open_session(path, signature, max_batch=batch)
 
-    def outputs(inputs: np.ndarray) -> dict[str, np.ndarray]:
-        return session.run(**{INPUT[half]: inputs})
+    def outputs(inputs: np.ndarray, y: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return session.run(**{INPUT[half]: inputs, **({} if y is None else {CONDITION: y})})
 
     if half == "decoder":
-        entry = nll_entry(run, lambda z: outputs(z)["x_mean"], images=images, p_range=p_range)
+        entry = nll_entry(run, lambda z, y=None: outputs(z, y)["x_mean"], images=images,
+                          p_range=p_range)
     else:
-        out = outputs(run.nll_images(images)[0])
+        x, _, _, _, y = run.nll_images(images)
+        out = outputs(x, y)
         entry = nll_entry(run, loc=out["loc"], scale=out["scale"], what="encoder", images=images)
     entry["nll"]["batch"] = batch
     if signature:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kvae import iwae
-from kvae.contract import INPUT, OUTPUTS, QUANTIZED, set_onnx_metadata
+from kvae.contract import CONDITION, INPUT, OUTPUTS, QUANTIZED, set_onnx_metadata
 from kvae.errors import KVAEError
 from kvae.export import Run, export_all, file_entry, load_run, metadata, quiet, written_file
 from kvae.export_checks import INT8_TYPES, best_int8, check_file, methods, nll_of_file
@@ -61,7 +61,7 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
         elif precision == "fp16":
             proto = fp16_weights(fp32)
         else:
-            calibration = run.x_calibration if half == "encoder" else run.z_calibration
+            calibration = run.feeds(half, "calibration")
             proto, extra = _onnx_int8(fp32, run, half, calibration, tmp, int8)
         proto = _finish_onnx(proto, run, half, precision, extra.get("quantization"))
         with written_file(path, proto.SerializeToString()) as written:
@@ -80,30 +80,29 @@ def _onnx_model(run: Run, half: str):
     import tf2onnx
 
     model = run.encoder if half == "encoder" else run.decoder
-    shape = run.image_shape if half == "encoder" else (run.latent_dim,)
-    spec = [tf.TensorSpec((None, *shape), tf.float32, name=INPUT[half])]
-    if half == "encoder":
-        @tf.function(input_signature=spec)
-        def fn(x):
-            loc, scale = model(x, training=False)
-            return {"loc": loc, "scale": scale}
-    else:
-        @tf.function(input_signature=spec)
-        def fn(z):
-            return {"x_mean": model(z, training=False)}
+    shapes = {INPUT[half]: run.image_shape if half == "encoder" else (run.latent_dim,),
+              CONDITION: (run.num_classes,)}
+    names = run.input_names(half)
+    spec = [tf.TensorSpec((None, *shapes[name]), tf.float32, name=name) for name in names]
+
+    @tf.function(input_signature=spec)
+    def fn(*args):
+        out = model(list(args) if len(args) > 1 else args[0], training=False)
+        return {"loc": out[0], "scale": out[1]} if half == "encoder" else {"x_mean": out}
+
     try:
         with quiet():
             proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=OPSET)
     except Exception as e:
         raise KVAEError(f"ONNX conversion of the {half} failed: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[-1][:300]}") from None
-    return _contract_names(proto, half)
+    return _contract_names(proto, half, names)
 
 
-def _contract_names(proto, half: str):
+def _contract_names(proto, half: str, names: tuple[str, ...]):
     """Renames graph inputs/outputs to the contract's names and their batch dim to `batch`."""
     graph = proto.graph
-    wanted_in, wanted_out = [INPUT[half]], list(OUTPUTS[half])
+    wanted_in, wanted_out = list(names), list(OUTPUTS[half])
     renames = {}
     for values, wanted in ((graph.input, wanted_in), (graph.output, wanted_out)):
         names = [v.name for v in values]
@@ -165,20 +164,21 @@ def fp16_weights(proto, min_size: int = 16):
 class _Reader:
     """onnxruntime CalibrationDataReader over rows of calibration data (batch 1 each)."""
 
-    def __init__(self, name: str, rows: np.ndarray):
-        self.name, self.rows, self.i = name, rows, 0
+    def __init__(self, feeds: dict[str, np.ndarray]):
+        self.feeds, self.i = feeds, 0
+        self.n = len(next(iter(feeds.values())))
 
     def get_next(self):
-        if self.i >= len(self.rows):
+        if self.i >= self.n:
             return None
         self.i += 1
-        return {self.name: self.rows[self.i - 1:self.i]}
+        return {name: rows[self.i - 1:self.i] for name, rows in self.feeds.items()}
 
     def rewind(self):
         self.i = 0
 
 
-def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folder: Path):
+def _quantize_onnx(proto, half: str, method: str, calibration: dict, folder: Path):
     """int8 ONNX (U8U8, see INT8_TYPES): `static` (QDQ, calibrated) or `dynamic` (weights uint8,
     activations at run time)."""
     import onnx
@@ -192,7 +192,7 @@ def _quantize_onnx(proto, half: str, method: str, calibration: np.ndarray, folde
     with quiet():
         quant_pre_process(src, pre, skip_symbolic_shape=False)
         if method == "static":
-            reader = type("Reader", (_Reader, CalibrationDataReader), {})(INPUT[half], calibration)
+            reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration)
             quantize_static(pre, dst, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
         else:
@@ -210,9 +210,10 @@ def _finish_onnx(proto, run: Run, half: str, precision: str, method: str | None 
     from kvae import __version__
 
     proto.producer_version = __version__
+    y = ", y (batch, num_classes)" if run.num_classes else ""
     proto.doc_string = (f"kvae {half} ({precision}): " +
-                        ("x (batch, H, W, C) in [0, 1] -> loc, scale (batch, latent_dim)"
-                         if half == "encoder" else "z (batch, latent_dim) -> x_mean (batch, H, W, C)"))
+                        (f"x (batch, H, W, C) in [0, 1]{y} -> loc, scale (batch, latent_dim)"
+                         if half == "encoder" else f"z (batch, latent_dim){y} -> x_mean (batch, H, W, C)"))
     return proto
 
 
@@ -227,7 +228,7 @@ def _check_onnx(path: Path, run: Run, half: str, precision: str, name: str) -> d
     return check_file(path, run, half, precision, name)
 
 
-def _onnx_int8(fp32, run: Run, half: str, calibration: np.ndarray, folder: Path,
+def _onnx_int8(fp32, run: Run, half: str, calibration: dict, folder: Path,
                int8: str = "best") -> tuple:
     """Static-QDQ and dynamic int8 candidates, one kept by `_best_int8`."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kvae import iwae
-from kvae.contract import INPUT, QUANTIZED, add_tflite_metadata
+from kvae.contract import CONDITION, INPUT, QUANTIZED, add_tflite_metadata
 from kvae.errors import KVAEError
 from kvae.export import Run, export_all, file_entry, load_run, metadata, quiet, written_file
 from kvae.export_checks import INT8_TYPES, best_int8, check_file, methods, nll_of_file
@@ -57,13 +57,13 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
         if half not in savedmodels:
             savedmodels[half] = _savedmodel(run, half, tmp / half, fixed_batches)
         keys = savedmodels[half]
-        calibration = run.x_calibration if half == "encoder" else run.z_calibration
+        calibration = run.feeds(half, "calibration")
         values = metadata(run, half, precision)
         if precision == "int8":
             data, extra = _tflite_int8(run, half, tmp / half, keys, calibration, tmp, int8)
             values["quantization"] = extra["quantization"]
         else:
-            data = _tflite_bytes(tmp / half, keys, precision, calibration, INPUT[half])
+            data = _tflite_bytes(tmp / half, keys, precision, calibration)
             extra = {}
         data = add_tflite_metadata(data, values)
         with written_file(path, data) as written:
@@ -78,26 +78,25 @@ def export_tflite(run: str | Path | Run, out: str | Path | None = None,
 
 
 def _savedmodel(run: Run, half: str, folder: Path, fixed_batches: tuple[int, ...]) -> list[str]:
-    """Writes a SavedModel with `serving_default` (dynamic batch) and `batch<N>` signatures."""
+    """Writes a SavedModel with `serving_default` (dynamic batch) and `batch<N>` signatures (a
+    conditional model's take y after x / z)."""
     import keras
     import tensorflow as tf
 
     model = run.encoder if half == "encoder" else run.decoder
-    shape = run.image_shape if half == "encoder" else (run.latent_dim,)
+    shapes = {INPUT[half]: run.image_shape if half == "encoder" else (run.latent_dim,),
+              CONDITION: (run.num_classes,)}
     archive = keras.export.ExportArchive()
     archive.track(model)
     keys = []
     for batch in (None, *fixed_batches):
-        if half == "encoder":
-            def fn(x):
-                loc, scale = model(x, training=False)
-                return {"loc": loc, "scale": scale}
-        else:
-            def fn(z):
-                return {"x_mean": model(z, training=False)}
+        def fn(*args):
+            out = model(list(args) if len(args) > 1 else args[0], training=False)
+            return {"loc": out[0], "scale": out[1]} if half == "encoder" else {"x_mean": out}
         key = "serving_default" if batch is None else f"batch{batch}"
         archive.add_endpoint(key, fn, input_signature=[
-            tf.TensorSpec((batch, *shape), tf.float32, name=INPUT[half])])
+            tf.TensorSpec((batch, *shapes[name]), tf.float32, name=name)
+            for name in run.input_names(half)])
         keys.append(key)
     try:
         with quiet():
@@ -116,7 +115,7 @@ def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str], images: str
     return nll_of_file(run, half, path, 1 if signature == "batch1" else 64, signature, images, p_range)
 
 
-def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibration: np.ndarray,
+def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibration: dict,
                  folder: Path, int8: str = "best") -> tuple[bytes, dict]:
     """Full-integer (`static`: calibrated int8 activations) and dynamic-range (`dynamic`: int8
     weights, float activations) candidates, one kept by `_best_int8`.
@@ -124,7 +123,7 @@ def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibra
     1/256, which costs NLL on confident pixels."""
 
     def build(method: str):
-        data = _tflite_bytes(savedmodel, keys, "int8", calibration, INPUT[half], method)
+        data = _tflite_bytes(savedmodel, keys, "int8", calibration, method)
         path = folder / f"{half}.{method}.tflite"
         path.write_bytes(data)
         return data, len(data), lambda images: _nll_of_tflite(run, half, path, keys, images,
@@ -134,12 +133,12 @@ def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibra
     return data, {**extra, "int8_types": INT8_TYPES["tflite", extra["quantization"]]}
 
 
-def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration: np.ndarray,
-                  input_name: str, method: str = "static") -> bytes:
+def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration: dict,
+                  method: str = "static") -> bytes:
     """Converts a SavedModel to a .tflite flatbuffer, builtin ops only.
 
-    int8 `method`: `static` = full integer, calibrated on `calibration`; `dynamic` = int8
-    weights with float activations (dynamic-range quantization, no calibration).
+    int8 `method`: `static` = full integer, calibrated on `calibration` (input name -> rows);
+    `dynamic` = int8 weights with float activations (dynamic-range quantization, no calibration).
     """
     import tensorflow as tf
 
@@ -159,9 +158,10 @@ def _tflite_bytes(savedmodel: Path, keys: list[str], precision: str, calibration
         def representative():  # every signature sees every row, in its own batch size
             for key in keys:
                 batch = 1 if key == "serving_default" else int(key[len("batch"):])
-                for start in range(0, len(calibration), batch):
-                    rows = np.take(calibration, range(start, start + batch), axis=0, mode="wrap")
-                    yield key, {input_name: rows}
+                n = len(next(iter(calibration.values())))
+                for start in range(0, n, batch):
+                    yield key, {name: np.take(v, range(start, start + batch), axis=0, mode="wrap")
+                                for name, v in calibration.items()}
 
         converter.representative_dataset = representative
     try:

@@ -153,6 +153,10 @@ def _fit(config: Config, resume: bool, callbacks) -> dict:
     binarize = config.resolved_binarize
     dataset = kdata.load(config.dataset, config.data_dir, config.val_size,  # fails before any write
                          image_size=config.image_size)
+    y_train = y_val = None
+    if config.conditional:  # a dataset without labels (for every image) ends here, one line
+        y_train, y_val = dataset.labels("train"), dataset.labels("val")
+    num_classes = dataset.num_classes if config.conditional else 0
 
     import keras
 
@@ -166,7 +170,8 @@ def _fit(config: Config, resume: bool, callbacks) -> dict:
     out = Path(config.out) if chief else Path(tempfile.mkdtemp(prefix="kvae-worker-"))
 
     print(f"kvae.fit: {config.dataset}: {len(dataset.x_train)} train / {len(dataset.x_val)} "
-          f"validation images of shape {dataset.image_shape}; binarize={binarize}")
+          f"validation images of shape {dataset.image_shape}; binarize={binarize}"
+          + (f"; conditional on {num_classes} classes" if num_classes else ""))
     print("kvae.fit: config " + json.dumps(config.to_dict()))
     gpus = accelerators()
     print(f"kvae.fit: Keras backend {backend}; device {'GPU: ' + ', '.join(gpus) if gpus else 'CPU'}; "
@@ -178,7 +183,7 @@ def _fit(config: Config, resume: bool, callbacks) -> dict:
     steps = kdata.steps_per_epoch(len(dataset.x_train), config.batch_size)
     total_steps = steps * config.epochs
     with strategy.scope() if strategy else contextlib.nullcontext():
-        vae = build_vae(config, dataset.image_shape)
+        vae = build_vae(config, dataset.image_shape, num_classes)
         lr = config.lr
         if config.lr_schedule == "cosine":
             lr = keras.optimizers.schedules.CosineDecay(config.lr, total_steps, alpha=0.1)
@@ -200,12 +205,15 @@ def _fit(config: Config, resume: bool, callbacks) -> dict:
             print(f"kvae.fit: resuming {out} after epoch {initial_epoch}")
         if backend == "tensorflow":
             train, steps = kdata.train_dataset(dataset.x_train, config.batch_size, binarize,
-                                               config.seed, initial_epoch, config.epochs, config.cache)
-            val = kdata.eval_dataset(dataset.x_val, 256, binarize)
+                                               config.seed, initial_epoch, config.epochs, config.cache,
+                                               y_train, num_classes)
+            val = kdata.eval_dataset(dataset.x_val, 256, binarize, y_val, num_classes)
         else:  # no tf.data: numpy batches
             train, steps = kdata.train_batches(dataset.x_train, config.batch_size, binarize,
-                                               config.seed, initial_epoch, config.epochs)
-            val = (kdata.binarize_fixed(dataset.x_val, binarize),)
+                                               config.seed, initial_epoch, config.epochs, y_train,
+                                               num_classes)
+            x_val = kdata.binarize_fixed(dataset.x_val, binarize)
+            val = (x_val,) if y_val is None else ((x_val, kdata.one_hot(y_val, num_classes)),)
         logs = [] if importlib.util.find_spec("tensorflow") is None else [  # it writes with tf.summary
             keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False, profile_batch=0)]
         started = time.perf_counter()
@@ -310,16 +318,25 @@ def finish(vae, dataset, config: Config, state) -> dict:
             with atomic_path(out / f"{name}.keras") as tmp:
                 keras.saving.save_model(model, tmp)
 
-    z = np.random.default_rng(config.seed).standard_normal((64, vae.latent_dim), np.float32)
-    plots.save_grid(np.asarray(vae.decode(z)), out / "samples.png", cols=8)
     x = kdata.to_unit(dataset.x_val[:32])
-    loc, _ = vae.encode(x)
-    plots.save_grid(plots.interleave(x, np.asarray(vae.decode(loc))), out / "reconstructions.png",
-                    cols=8)
+    if vae.num_classes:  # one row per class (up to 10 shown), 8 samples each
+        shown = min(vae.num_classes, 10)
+        z = np.random.default_rng(config.seed).standard_normal((shown * 8, vae.latent_dim), np.float32)
+        y = kdata.one_hot(np.repeat(np.arange(shown), 8), vae.num_classes)
+        y_val = kdata.one_hot(dataset.labels("val")[:32], vae.num_classes)
+        loc, _ = vae.encode(x, y_val)
+        samples, recon = vae.decode(z, y), vae.decode(loc, y_val)
+    else:
+        z = np.random.default_rng(config.seed).standard_normal((64, vae.latent_dim), np.float32)
+        loc, _ = vae.encode(x)
+        samples, recon = vae.decode(z), vae.decode(loc)
+    plots.save_grid(np.asarray(samples), out / "samples.png", cols=8)
+    plots.save_grid(plots.interleave(x, np.asarray(recon)), out / "reconstructions.png", cols=8)
     n_train = len(dataset.x_train)
     steps = kdata.steps_per_epoch(n_train, config.batch_size)
     metrics = {
         "dataset": config.dataset,
+        **({"classes": list(dataset.class_names)} if vae.num_classes else {}),
         "n_train": n_train,
         "n_val": len(dataset.x_val),
         "epochs": state.epochs_done,
@@ -337,7 +354,8 @@ def finish(vae, dataset, config: Config, state) -> dict:
     save_figures(vae, dataset.x_val, dataset.y_val, out)
     if config.eval_k:
         metrics["eval"] = evaluate(vae, dataset.x_val, config.resolved_binarize, k=config.eval_k,
-                                   split="val", dataset=config.dataset)
+                                   split="val", dataset=config.dataset,
+                                   labels=dataset.y_val if vae.num_classes else None)
     merge_metrics(out, metrics, holder="kvae.fit")
     print(f"kvae.fit: best val loss {state.best_val_loss:.2f} nats (epoch {state.best_epoch + 1}); "
           f"wrote {out}")

@@ -83,8 +83,8 @@ def log_px(x: np.ndarray, x_mean: np.ndarray, likelihood: str, sigma: float | No
 def nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
         decode: Callable[[np.ndarray], np.ndarray], likelihood: str = "bernoulli",
         sigma: float | None = 0.1, p_range: tuple[float, float] = P_FLOAT32,
-        chunk: int = 2048) -> np.ndarray:
-    """Per-image importance-weighted -log P(X), in nats.
+        chunk: int = 2048, y: np.ndarray | None = None) -> np.ndarray:
+    """Per-image importance-weighted -log P(X) (-log P(X|y) with `y`), in nats.
 
     The same (loc, scale, eps) for two decoders make their difference a paired estimate (its
     noise is far below each NLL's): kvae.export's nll_delta.
@@ -93,9 +93,11 @@ def nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
       x: (N, H, W, C) images in [0, 1] (binarized for a Bernoulli likelihood).
       loc, scale: (N, D) the posterior Q(z|X).
       eps: (k, N, D) standard normal draws.
-      decode: z (B, D) float32 -> x_mean (B, H, W, C), the decoder under test.
+      decode: z (B, D) float32 -> x_mean (B, H, W, C), the decoder under test; with `y`,
+        decode(z, y) with each z's condition (B, num_classes).
       likelihood, sigma, p_range: as in `log_px`.
       chunk: at most this many z per decode call (bounds memory: chunk decoded images).
+      y: (N, num_classes) the condition of each image, for a conditional model (-log P(X|y)).
 
     Returns:
       (N,) float64 NLL per image.
@@ -107,6 +109,7 @@ def nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
     lp = np.empty(k * n)
     for start in range(0, k * n, chunk):
         rows = np.arange(start, min(start + chunk, k * n))
-        mean = np.asarray(decode(flat[rows])).reshape(len(rows), -1)
+        decoded = decode(flat[rows]) if y is None else decode(flat[rows], y[rows % n])
+        mean = np.asarray(decoded).reshape(len(rows), -1)
         lp[rows] = log_px(x_flat[rows % n], mean, likelihood, sigma, p_range)
     return -(logsumexp(lp.reshape(k, n) + log_ratio) - math.log(k))

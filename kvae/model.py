@@ -7,6 +7,11 @@
 
 Loss per batch = mean over X of [-log P(X|z) + beta * KL] = the negative ELBO when beta = 1.
 
+Conditional (Doersch, section 4: `num_classes` > 0): the condition y, a one-hot float32
+(B, num_classes) class label, is a second input of both halves, Q(z|X, y) and P(X|z, y); it is
+concatenated where the network is flat (after the encoder's convolutions, with z in the
+decoder). The prior stays N(0, I), and the Posterior layer and its KL are unchanged.
+
 Written with `keras.ops`: the same model trains under KERAS_BACKEND=tensorflow or jax.
 """
 
@@ -43,8 +48,8 @@ def reconstruction_nll(x, logits, likelihood: str = "bernoulli", sigma: float = 
 
 
 def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
-                  filters: int = 32) -> keras.Model:
-    """x (B, H, W, C) -> [loc, scale] (B, latent_dim); scale = softplus(.) > 0."""
+                  filters: int = 32, num_classes: int = 0) -> keras.Model:
+    """x (B, H, W, C) [, y (B, num_classes)] -> [loc, scale] (B, latent_dim); scale > 0."""
     x = keras.Input(image_shape, name="x")
     if arch == "conv":
         h = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
@@ -52,34 +57,60 @@ def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int 
         h = keras.layers.Flatten()(h)
     else:
         h = keras.layers.Flatten()(x)
+    inputs = [x]
+    if num_classes:
+        inputs.append(keras.Input((num_classes,), name="y"))
+        h = keras.layers.Concatenate()([h, inputs[1]])
+    if arch != "conv":
         h = keras.layers.Dense(2 * hidden, activation="relu")(h)
     h = keras.layers.Dense(hidden, activation="relu")(h)
     loc = keras.layers.Dense(latent_dim, name="loc", dtype="float32")(h)
     scale = keras.layers.Dense(latent_dim, activation="softplus", name="scale", dtype="float32")(h)
-    return keras.Model(x, [loc, scale], name="encoder")
+    return keras.Model(inputs if num_classes else x, [loc, scale], name="encoder")
 
 
 def build_decoder_net(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
-                      filters: int = 32) -> keras.Model:
-    """z (B, latent_dim) -> logits (B, H, W, C)."""
+                      filters: int = 32, num_classes: int = 0) -> keras.Model:
+    """z (B, latent_dim) [, y (B, num_classes)] -> logits (B, H, W, C).
+
+    A conditional decoder sees y at every layer but the last (with z, then next to each hidden
+    layer: as K constant feature maps in the conv stages), so the class shapes every scale of the
+    image and z is left the style (y only next to z let z carry the class: samples of other
+    classes in a class's row).
+    """
     height, width, channels = image_shape
     z = keras.Input((latent_dim,), name="z")
-    h = keras.layers.Dense(hidden, activation="relu")(z)
+    y = keras.Input((num_classes,), name="y") if num_classes else None
+
+    def with_y(h):
+        return h if y is None else _concat_condition(h, y)
+
+    h = keras.layers.Dense(hidden, activation="relu")(with_y(z))
     if arch == "conv":
         h4, w4 = math.ceil(height / 4), math.ceil(width / 4)
-        h = keras.layers.Dense(h4 * w4 * 2 * filters, activation="relu")(h)
+        h = keras.layers.Dense(h4 * w4 * 2 * filters, activation="relu")(with_y(h))
         h = keras.layers.Reshape((h4, w4, 2 * filters))(h)
-        h = keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same", activation="relu")(h)
-        h = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(h)
+        h = keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same",
+                                         activation="relu")(with_y(h))
+        h = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(with_y(h))
         h = keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32")(h)
         if (4 * h4, 4 * w4) != (height, width):  # sizes not divisible by 4
             h = keras.layers.Cropping2D(((0, 4 * h4 - height), (0, 4 * w4 - width)))(h)
         logits = keras.layers.Identity(name="logits", dtype="float32")(h)
     else:
-        h = keras.layers.Dense(2 * hidden, activation="relu")(h)
-        h = keras.layers.Dense(height * width * channels, dtype="float32")(h)
+        h = keras.layers.Dense(2 * hidden, activation="relu")(with_y(h))
+        h = keras.layers.Dense(height * width * channels, dtype="float32")(with_y(h))
         logits = keras.layers.Reshape(image_shape, name="logits", dtype="float32")(h)
-    return keras.Model(z, logits, name="decoder_net")
+    return keras.Model([z, y] if num_classes else z, logits, name="decoder_net")
+
+
+def _concat_condition(h, y):
+    """h (B, F) or (B, H, W, C) with y (B, K) appended: as K features, or as K constant maps."""
+    if len(h.shape) == 2:
+        return keras.layers.Concatenate()([h, y])
+    rows, cols = int(h.shape[1]), int(h.shape[2])
+    maps = keras.layers.UpSampling2D((rows, cols))(keras.layers.Reshape((1, 1, int(y.shape[-1])))(y))
+    return keras.layers.Concatenate()([h, maps])
 
 
 @register
@@ -87,8 +118,8 @@ class VAE(keras.Model):
     """Encoder + posterior + decoder, trained on the negative ELBO.
 
     Args:
-      encoder: x -> [loc, scale].
-      decoder_net: z -> logits.
+      encoder: x -> [loc, scale] (conditional: [x, y] -> [loc, scale]).
+      decoder_net: z -> logits (conditional: [z, y] -> logits).
       likelihood: `bernoulli` or `gaussian`.
       sigma: the Gaussian likelihood's standard deviation.
       beta: KL weight (the posterior layer's initial `beta`).
@@ -116,12 +147,24 @@ class VAE(keras.Model):
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.encoder.inputs[0].shape[1:])
 
-    def call(self, x, training=None):
-        loc, scale = self.encoder(x, training=training)
+    @property
+    def num_classes(self) -> int:
+        """Size of the condition y (0: an unconditional model)."""
+        return int(self.encoder.inputs[1].shape[-1]) if len(self.encoder.inputs) > 1 else 0
+
+    def call(self, inputs, training=None):
+        """x, or (x, y) for a conditional model -> logits (B, H, W, C) of P(X|z[, y])."""
+        if self.num_classes:
+            x, y = inputs
+            loc, scale = self.encoder([x, y], training=training)
+        else:
+            loc, scale = self.encoder(inputs, training=training)
         z = self.posterior([loc, scale], training=training)
-        return self.decoder_net(z, training=training)  # logits (B, H, W, C)
+        return self.decoder_net([z, y] if self.num_classes else z, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if self.num_classes and y is None:  # x = (images, condition): the images are the target
+            x = x[0]
         target = x if y is None else y
         rec = ops.mean(reconstruction_nll(target, y_pred, self.likelihood, self.sigma))
         self.reconstruction_tracker.update_state(rec)
@@ -136,19 +179,28 @@ class VAE(keras.Model):
     def test_step(self, *args):
         return _with_batch_axis(super().test_step(*args))
 
-    def encode(self, x):
-        """x (B, H, W, C) in [0, 1] -> (loc, scale) of Q(z|X)."""
-        return self.encoder(x)
+    def encode(self, x, y=None):
+        """x (B, H, W, C) in [0, 1] [, y (B, num_classes)] -> (loc, scale) of Q(z|X[, y])."""
+        return self.encoder(self._with(x, y))
 
-    def decode(self, z):
-        """z (B, latent_dim) -> x_mean (B, H, W, C): P(X|z)'s mean."""
-        return ops.sigmoid(ops.cast(self.decoder_net(z), "float32"))
+    def decode(self, z, y=None):
+        """z (B, latent_dim) [, y (B, num_classes)] -> x_mean (B, H, W, C): P(X|z[, y])'s mean."""
+        return ops.sigmoid(ops.cast(self.decoder_net(self._with(z, y)), "float32"))
+
+    def _with(self, tensor, y):
+        """The input of a half: `tensor`, or [tensor, y] for a conditional model."""
+        if bool(self.num_classes) != (y is not None):
+            raise ValueError("a conditional model needs y (one-hot labels), an unconditional one "
+                             f"takes none (num_classes={self.num_classes})")
+        # as tensors both: Keras refuses a list that mixes tensors and numpy arrays
+        return [ops.convert_to_tensor(tensor), ops.convert_to_tensor(y)] if self.num_classes else tensor
 
     def decoder(self) -> keras.Model:
-        """A standalone z -> x_mean model sharing this VAE's weights (for saving and export)."""
+        """A standalone z [, y] -> x_mean model sharing this VAE's weights (for saving and export)."""
         z = keras.Input((self.latent_dim,), name="z")
-        x_mean = keras.layers.Activation("sigmoid", name="x_mean", dtype="float32")(self.decoder_net(z))
-        return keras.Model(z, x_mean, name="decoder")
+        inputs = [z, keras.Input((self.num_classes,), name="y")] if self.num_classes else z
+        x_mean = keras.layers.Activation("sigmoid", name="x_mean", dtype="float32")(self.decoder_net(inputs))
+        return keras.Model(inputs, x_mean, name="decoder")
 
     def get_config(self):
         return {
@@ -194,14 +246,24 @@ def _with_batch_axis(logs):
     return logs
 
 
-def build_vae(config: Config, image_shape) -> VAE:
-    """Builds (and calls once, so every weight exists) the VAE that `config` describes."""
-    encoder = build_encoder(image_shape, config.latent_dim, config.arch, config.hidden, config.filters)
+def build_vae(config: Config, image_shape, num_classes: int = 0) -> VAE:
+    """Builds (and calls once, so every weight exists) the VAE that `config` describes.
+
+    Args:
+      num_classes: the condition's size for a conditional model (`config.conditional`): the
+        dataset's class count; 0 for an unconditional one.
+    """
+    if config.conditional and num_classes < 1:
+        raise ValueError("a conditional VAE needs num_classes >= 1")
+    num_classes = num_classes if config.conditional else 0
+    encoder = build_encoder(image_shape, config.latent_dim, config.arch, config.hidden,
+                            config.filters, num_classes)
     decoder_net = build_decoder_net(image_shape, config.latent_dim, config.arch, config.hidden,
-                                    config.filters)
+                                    config.filters, num_classes)
     vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.beta, config.seed,
               name="vae")
-    vae(ops.zeros((1, *image_shape)))
+    x = ops.zeros((1, *image_shape))
+    vae((x, ops.zeros((1, num_classes))) if num_classes else x)
     return vae
 
 

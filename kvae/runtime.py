@@ -1,11 +1,15 @@
 """TensorFlow-free inference on the exported halves: numpy plus onnxruntime or LiteRT.
 
-    pip install numpy onnxruntime pillow        # or: pip install numpy ai-edge-litert pillow
+    pip install kvae                            # numpy, onnxruntime, pillow; kvae[litert] adds LiteRT
 
     from kvae.runtime import VAE
     vae = VAE.from_folder("runs/quickstart")    # RUN/export/{encoder,decoder}.onnx
     images = vae.sample(16, seed=0)             # (16, 28, 28, 1) in [0, 1]
     loc, scale = vae.encode(images)             # (16, latent_dim) each
+
+A conditional model (`python -m kvae.fit --conditional`) takes a class label in both halves:
+`vae.sample(16, seed=0, label=7)`, `vae.encode(images, label=7)` (an id, a name from
+`vae.classes`, or one per image); a missing or unknown label raises RuntimeInputError.
 
 The format follows the file's extension (`.onnx` -> onnxruntime, `.tflite` -> LiteRT); the
 runtime module is imported only when a file of its format is opened. latent_dim, image shape and
@@ -27,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from kvae import contract, iwae, sessions
-from kvae.sessions import RuntimeInputError, Session, first_line, manifest_entry, resolve
+from kvae.runtime_inputs import (as_array, check_images, check_latents, check_output, condition,
+                                 draw_eps, generator)
+from kvae.sessions import RuntimeInputError, Session, manifest_entry, resolve
 
 SIGNATURES = {half: ((contract.INPUT[half],), contract.OUTPUTS[half]) for half in contract.HALVES}
 
@@ -54,9 +60,11 @@ class _Half:
         self.path = path
         inputs, outputs = SIGNATURES[self.half]
         found_in, found_out = tuple(self.session.inputs), tuple(self.session.outputs)
+        if set(found_in) == {*inputs, contract.CONDITION}:  # a conditional model's half
+            inputs = (*inputs, contract.CONDITION)
         if set(found_in) != set(inputs) or set(found_out) != set(outputs):
             other = "encoder" if self.half == "decoder" else "decoder"
-            if (set(found_in), set(found_out)) == tuple(set(s) for s in SIGNATURES[other]):
+            if set(found_out) == set(SIGNATURES[other][1]):
                 raise RuntimeInputError(f"{path} is the {other}, not the {self.half}; open it with "
                                         f"kvae.runtime.{other.capitalize()}")
             raise RuntimeInputError(
@@ -71,10 +79,33 @@ class _Half:
             self.info["sigma"] = float(sigma)
         self.latent_dim: int = self.info["latent_dim"]
         self.image_shape: tuple[int, int, int] = tuple(self.info["image_shape"])
+        self.classes: tuple[str, ...] = tuple(self.info["classes"])  # () unless conditional
 
     @property
     def format(self) -> str:
         return self.session.format
+
+    @property
+    def num_classes(self) -> int:
+        """The size of the condition y (0: an unconditional model)."""
+        return len(self.classes)
+
+    def condition(self, label, n: int) -> np.ndarray | None:
+        """The one-hot y (n, num_classes) for `label`, or None for an unconditional model.
+
+        Args:
+          label: a class id (int, 0..num_classes-1), a class name (str, see `classes`), a list of
+            them (one per row, or one for all rows), or a float (n, num_classes) array used as y.
+
+        Raises:
+          RuntimeInputError: a label on an unconditional model, none on a conditional one, or
+            an unknown class (one line).
+        """
+        return condition(label, n, self.classes, self.path)
+
+    def _feeds(self, name: str, values: np.ndarray, label) -> dict[str, np.ndarray]:
+        y = self.condition(label, len(values))
+        return {name: values} if y is None else {name: values, contract.CONDITION: y}
 
     def __repr__(self):
         return (f"{type(self).__name__}({str(self.path)!r}, format={self.format!r}, "
@@ -85,7 +116,8 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: Session, 
     """latent_dim, image_shape, likelihood, sigma, precision and where they came from."""
     if manifest:
         source = "manifest.json"
-        info = {key: manifest.get(key) for key in ("latent_dim", "image_shape", "likelihood", "sigma")}
+        info = {key: manifest.get(key) for key in ("latent_dim", "image_shape", "likelihood", "sigma",
+                                                    "classes")}
         info["precision"] = (entry or {}).get("precision", "fp32")
         info["quantization"] = (entry or {}).get("quantization")
     elif "latent_dim" in meta:
@@ -96,13 +128,14 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: Session, 
                     "likelihood": meta.get("likelihood"),
                     "sigma": float(meta["sigma"]) if meta.get("sigma") not in (None, "", "None") else None,
                     "precision": meta.get("precision", "fp32"),
-                    "quantization": meta.get("quantization")}
+                    "quantization": meta.get("quantization"),
+                    "classes": json.loads(meta["classes"]) if "classes" in meta else None}
         except (ValueError, TypeError) as e:
             raise RuntimeInputError(f"{session.path}: unreadable kvae metadata: {e}") from None
     else:
         source = "model shapes"
         info = {"latent_dim": None, "image_shape": None, "likelihood": None, "sigma": None,
-                "precision": "fp32", "quantization": None}
+                "precision": "fp32", "quantization": None, "classes": None}
     # the model's own shapes fill gaps and must agree with the metadata
     if half == "decoder":
         latent = session.inputs["z"][0][-1]
@@ -110,6 +143,16 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: Session, 
     else:
         latent = session.outputs["loc"][0][-1]
         image = session.inputs["x"][0][1:]
+    num_classes = session.inputs[contract.CONDITION][0][-1] if contract.CONDITION in session.inputs else 0
+    if not num_classes:
+        info["classes"] = []
+    elif not info["classes"]:  # no names recorded: the class ids are the names
+        info["classes"] = [str(i) for i in range(num_classes)]
+    if not isinstance(info["classes"], list) or len(info["classes"]) != num_classes:
+        raise RuntimeInputError(f"{session.path} takes {num_classes} classes but its {source} names "
+                                f"{info['classes']!r}: the file and its manifest are from different "
+                                "exports: export the run again")
+    info["classes"] = [str(c) for c in info["classes"]]
     if info["latent_dim"] is None:
         info["latent_dim"] = latent
     if not info["image_shape"]:
@@ -156,15 +199,21 @@ class Decoder(_Half):
 
     half = "decoder"
 
-    def decode(self, z) -> np.ndarray:
-        """z (B, latent_dim) or (latent_dim,) -> x_mean (B, H, W, C) or (H, W, C), float32 in [0, 1]."""
-        z = _array(z, "z")
+    def decode(self, z, y=None) -> np.ndarray:
+        """z (B, latent_dim) or (latent_dim,) -> x_mean (B, H, W, C) or (H, W, C), float32 in [0, 1].
+
+        Args:
+          y: a conditional decoder's condition: labels (see `condition`) or a float (B,
+            num_classes) array; None for an unconditional one.
+        """
+        z = as_array(z, "z")
         single = z.ndim == 1
         z = check_latents(z if not single else z[None], self.latent_dim)
+        feeds = self._feeds("z", z, y)
         if len(z) == 0:
             return np.zeros((0, *self.image_shape), np.float32)
-        x_mean = self.session.run(z=z)["x_mean"]
-        _check_output(x_mean, "x_mean", self.path, f"for z up to |{float(np.abs(z).max()):.3g}|",
+        x_mean = self.session.run(**feeds)["x_mean"]
+        check_output(x_mean, "x_mean", self.path, f"for z up to |{float(np.abs(z).max()):.3g}|",
                       "keep z to moderate values (the prior is N(0, I)); if they are, the file is "
                       "broken: export it again")
         return x_mean[0] if single else x_mean
@@ -176,16 +225,17 @@ class Decoder(_Half):
         int8 grid)."""
         return iwae.p_range(self.info.get("precision", "fp32"), self.info.get("quantization"))
 
-    def sample(self, n: int, seed=None) -> np.ndarray:
+    def sample(self, n: int, seed=None, label=None) -> np.ndarray:
         """n images from the prior: z = eps ~ N(0, I) drawn by numpy, then decoded.
 
         Args:
           n: number of images.
           seed: int or numpy Generator; the same seed gives the same images in any process.
+          label: a conditional model's class: an id, a name, or one per image (`condition`).
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise RuntimeInputError(f"n must be a non-negative integer, got {n!r}")
-        return self.decode(draw_eps(seed, (int(n), self.latent_dim)))
+        return self.decode(draw_eps(seed, (int(n), self.latent_dim)), label)
 
 
 class Encoder(_Half):
@@ -196,113 +246,24 @@ class Encoder(_Half):
 
     half = "encoder"
 
-    def encode(self, x) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, x, label=None) -> tuple[np.ndarray, np.ndarray]:
         """Images -> (loc, scale), each (B, latent_dim), or (latent_dim,) for one image.
 
         Args:
           x: (B, H, W, C) or one (H, W, C) image (for one channel also (B, H, W) / (H, W));
             floats in [0, 1], or integers 0..255 (uint8 images as read from files).
+          label: a conditional encoder's class of the images (`condition`); None otherwise.
         """
         x, single = check_images(x, self.image_shape)
+        feeds = self._feeds("x", x, label)
         if len(x) == 0:
             empty = np.zeros((0, self.latent_dim), np.float32)
             return empty, empty.copy()
-        out = self.session.run(x=x)
+        out = self.session.run(**feeds)
         loc, scale = out["loc"], out["scale"]
-        _check_output(np.concatenate([loc, scale]), "loc, scale", self.path, "for images in [0, 1]",
+        check_output(np.concatenate([loc, scale]), "loc, scale", self.path, "for images in [0, 1]",
                       "the file is broken: export it again")
         return (loc[0], scale[0]) if single else (loc, scale)
-
-
-# --------------------------------------------------------------------------- input checks
-
-
-def _check_output(values: np.ndarray, what: str, path: Path, context: str, advice: str) -> None:
-    """NaN or inf out of a model (z near the float32 limit, or a broken file) is an error, never
-    a silent result."""
-    if not np.all(np.isfinite(values)):
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        raise RuntimeInputError(f"{path} gave {bad} NaN or infinite value(s) of {what} {context}: "
-                                f"{advice}")
-
-
-def draw_eps(seed, shape) -> np.ndarray:
-    """eps ~ N(0, I) as float32 from numpy's Generator (seed: int, Generator or None)."""
-    return _rng(seed).standard_normal(shape, dtype=np.float32)
-
-
-def _rng(seed) -> np.random.Generator:
-    try:
-        return np.random.default_rng(seed)
-    except (TypeError, ValueError):  # numpy's message may quote the seed itself, newlines and all
-        raise RuntimeInputError("seed must be a non-negative integer or a numpy Generator, got "
-                                f"{_first_line_repr(seed)}") from None
-
-
-def _first_line_repr(value, limit: int = 60) -> str:
-    """repr(value) cut to `limit` characters: one line (repr escapes newlines) for any input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _array(value, what: str) -> np.ndarray:
-    """np.asarray, with ragged or unconvertible input turned into a RuntimeInputError."""
-    if isinstance(value, np.ndarray):
-        return value
-    try:
-        return np.asarray(value)
-    except (ValueError, TypeError, OverflowError) as e:  # e.g. rows of different lengths
-        raise RuntimeInputError(f"{what} must be an array of numbers with rows of equal length: "
-                                f"{first_line(e)}") from None
-
-
-def _as_float32(a: np.ndarray, what: str) -> np.ndarray:
-    if a.dtype.kind not in "fiub":
-        raise RuntimeInputError(f"{what} must be a real numeric array; got dtype {a.dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        a = a.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(a)):
-        bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
-        raise RuntimeInputError(f"{what} has {bad} NaN or infinite value(s) (or values too large "
-                                "for float32)")
-    return a
-
-
-def check_latents(z, latent_dim: int) -> np.ndarray:
-    """z -> float32 (B, latent_dim), or a RuntimeInputError that says what is wrong."""
-    z = _array(z, "z")
-    if z.ndim != 2 or z.shape[1] != latent_dim:
-        raise RuntimeInputError(f"z must have shape (batch, {latent_dim}) (this decoder's latent size "
-                                f"is {latent_dim}); got {z.shape}")
-    return _as_float32(z, "z")
-
-
-def check_images(x, image_shape) -> tuple[np.ndarray, bool]:
-    """Images -> (float32 (B, H, W, C) in [0, 1], whether one image was given)."""
-    x = _array(x, "images")
-    h, w, c = image_shape
-    single = False
-    if x.shape == (h, w, c):
-        x, single = x[None], True
-    elif c == 1 and x.shape == (h, w):
-        x, single = x[None, ..., None], True
-    elif c == 1 and x.ndim == 3 and x.shape[1:] == (h, w):
-        x = x[..., None]
-    if x.ndim != 4 or x.shape[1:] != (h, w, c):
-        raise RuntimeInputError(f"images must have shape (batch, {h}, {w}, {c}) or ({h}, {w}, {c}); "
-                                f"got {x.shape}")
-    if x.dtype.kind in "iu":  # integer pixels: 0..255 levels
-        lo, hi = (int(x.min()), int(x.max())) if x.size else (0, 0)
-        if lo < 0 or hi > 255:
-            raise RuntimeInputError(f"integer images must hold 0..255; got values in [{lo}, {hi}]")
-        return x.astype(np.float32) / 255.0, single
-    x = _as_float32(x, "images")
-    if x.size:
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise RuntimeInputError(f"float images must lie in [0, 1]; got values in [{lo:g}, {hi:g}] "
-                                    "(divide 0..255 pixels by 255, or pass uint8)")
-    return x, single
 
 
 # --------------------------------------------------------------------------- the pair
@@ -325,8 +286,13 @@ class VAE:
                 f"{self.encoder.path} (latent {self.encoder.latent_dim}, images "
                 f"{list(self.encoder.image_shape)}) and {self.decoder.path} (latent "
                 f"{self.decoder.latent_dim}, images {list(self.decoder.image_shape)}) do not belong together")
+        if self.encoder.classes != self.decoder.classes:
+            raise RuntimeInputError(f"{self.encoder.path} (classes {list(self.encoder.classes)}) and "
+                                    f"{self.decoder.path} (classes {list(self.decoder.classes)}) do "
+                                    "not belong together")
         self.latent_dim = self.decoder.latent_dim
         self.image_shape = self.decoder.image_shape
+        self.classes = self.decoder.classes  # a conditional model's class names; () otherwise
 
     @classmethod
     def from_folder(cls, folder, format: str | None = None, precision: str = "fp32",
@@ -352,49 +318,52 @@ class VAE:
     def sigma(self) -> float | None:
         return self.decoder.info.get("sigma")
 
-    def encode(self, x):
-        """See Encoder.encode."""
-        return self.encoder.encode(x)
+    def encode(self, x, label=None):
+        """See Encoder.encode (`label`: a conditional model's class, see _Half.condition)."""
+        return self.encoder.encode(x, label)
 
-    def decode(self, z):
+    def decode(self, z, label=None):
         """See Decoder.decode."""
-        return self.decoder.decode(z)
+        return self.decoder.decode(z, label)
 
-    def sample(self, n: int, seed=None):
-        """See Decoder.sample."""
-        return self.decoder.sample(n, seed)
+    def sample(self, n: int, seed=None, label=None):
+        """See Decoder.sample: n images (of class `label` for a conditional model)."""
+        return self.decoder.sample(n, seed, label)
 
-    def reconstruct(self, x) -> np.ndarray:
+    def reconstruct(self, x, label=None) -> np.ndarray:
         """Images -> decode(loc): the decoder's mean at the posterior's mean (no sampling)."""
-        loc, _ = self.encode(x)
-        return self.decode(loc)
+        loc, _ = self.encode(x, label)
+        return self.decode(loc, label)
 
-    def interpolate(self, x_a, x_b, steps: int = 8) -> np.ndarray:
+    def interpolate(self, x_a, x_b, steps: int = 8, label=None) -> np.ndarray:
         """Decodes `steps` points on the straight line between the posterior means of two images.
 
         Args:
           x_a, x_b: one image each ((H, W, C)), or equal batches ((B, H, W, C)).
           steps: points including both ends (>= 2).
+          label: a conditional model's class, for both images and every point.
 
         Returns:
           (steps, H, W, C) for single images, (B, steps, H, W, C) for batches.
         """
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
             raise RuntimeInputError(f"steps must be an integer >= 2, got {steps!r}")
-        loc_a, _ = self.encode(x_a)
-        loc_b, _ = self.encode(x_b)
+        loc_a, _ = self.encode(x_a, label)
+        loc_b, _ = self.encode(x_b, label)
         if loc_a.shape != loc_b.shape:
             raise RuntimeInputError(f"x_a and x_b must hold as many images; got {np.shape(x_a)} "
                                     f"and {np.shape(x_b)}")
         t = np.linspace(0.0, 1.0, int(steps), dtype=np.float32)[:, None]
         if loc_a.ndim == 1:
-            return self.decode((1 - t) * loc_a + t * loc_b)
+            return self.decode((1 - t) * loc_a + t * loc_b, label)
         z = (1 - t)[None] * loc_a[:, None] + t[None] * loc_b[:, None]  # (B, steps, D)
-        return self.decode(z.reshape(-1, self.latent_dim)).reshape(len(loc_a), int(steps),
+        return self.decode(z.reshape(-1, self.latent_dim), label).reshape(len(loc_a), int(steps),
                                                                    *self.image_shape)
 
-    def log_likelihood(self, x, k: int = 100, seed=0, budget: int = 1 << 22) -> np.ndarray:
-        """Importance-weighted estimate of log P(X) per image, in nats (Burda et al. 2015).
+    def log_likelihood(self, x, k: int = 100, seed=0, budget: int = 1 << 22,
+                       label=None) -> np.ndarray:
+        """Importance-weighted estimate of log P(X) (log P(X|y) with a conditional model's
+        `label`) per image, in nats (Burda et al. 2015).
 
             log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i = loc + scale * eps_i
 
@@ -407,6 +376,7 @@ class VAE:
           k: importance samples per image.
           seed: int or numpy Generator for eps (default 0: the same numbers every time).
           budget: decoded pixels held at once.
+          label: a conditional model's class of the images (one, or one per image).
 
         Returns:
           (B,) float64 log P(X) estimates (a float for one image).
@@ -420,14 +390,15 @@ class VAE:
         if likelihood == "gaussian" and not (sigma and sigma > 0):
             raise RuntimeInputError("a Gaussian likelihood needs sigma > 0 (manifest.json or sigma=...)")
         x, single = check_images(x, self.image_shape)
-        rng = _rng(seed)
+        y = self.decoder.condition(label, len(x))
+        rng = generator(seed)
         rows = max(1, budget // int(np.prod(self.image_shape)))  # decoded images per call
         out = np.empty(len(x), np.float64)
         batch = max(1, min(len(x), rows, 100))
         for start in range(0, len(x), batch):
-            xb = x[start:start + batch]
-            loc, scale = self.encoder.encode(xb)
+            xb, yb = x[start:start + batch], None if y is None else y[start:start + batch]
+            loc, scale = self.encoder.encode(xb, yb)
             eps = rng.standard_normal((k, len(xb), self.latent_dim))  # the stream chunk by chunk
             out[start:start + len(xb)] = -iwae.nll(xb, loc, scale, eps, self.decoder.decode, likelihood,
-                                                   sigma, self.decoder.p_range, chunk=rows)
+                                                   sigma, self.decoder.p_range, chunk=rows, y=yb)
         return float(out[0]) if single else out

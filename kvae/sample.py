@@ -4,7 +4,8 @@ Draws images from an exported decoder without TensorFlow: eps ~ N(0, I) from num
 (the same --seed gives the same images everywhere), decoded by onnxruntime (`.onnx`) or LiteRT
 (`.tflite`). FILE_OR_RUN is a decoder file, an export folder or a run folder (RUN/export/
 decoder.onnx, else decoder.tflite). `--out` ending in .png writes one grid image; .npy writes the
-(n, H, W, C) float32 array.
+(n, H, W, C) float32 array. A conditional model needs `--label`: a class id or name (--n images
+of it), or `all`: one row of --n images per class (`--n 8 --label all`: 8 of each).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main(argv=None) -> None:
                         help="seed of eps (default: fresh images every time)")
     parser.add_argument("--out", default="grid.png", help="output .png grid or .npy array (default grid.png)")
     parser.add_argument("--cols", type=int, default=None, help="grid columns (default: square)")
+    parser.add_argument("--label", default=None,
+                        help="conditional models: the class (id or name) to draw, or `all` for "
+                             "one row of --n images per class")
     add_runtime_flags(parser)
     args = parser.parse_args(argv)
     with cli_errors("kvae.sample"):
@@ -62,8 +66,16 @@ def main(argv=None) -> None:
             raise KVAEError(f"--out {out} is a folder; give a file name such as {out / 'grid.png'}")
         path = resolve(args.model, "decoder", args.format, args.precision)
         decoder = Decoder(path, threads=args.threads, xnnpack=args.xnnpack, verify=args.verify)
+        label, cols, n = args.label, args.cols, args.n
+        if label == "all" and "all" not in decoder.classes:
+            if not decoder.classes:
+                raise KVAEError(f"{decoder.path} is not a conditional model: it takes no --label")
+            label, cols = [c for c in range(decoder.num_classes) for _ in range(n)], cols or n
+            n = len(label)
+        elif label is not None and label not in decoder.classes and label.isdigit():
+            label = int(label)  # a class id
         start = time.perf_counter()
-        images = decoder.sample(args.n, seed=args.seed)
+        images = decoder.sample(n, seed=args.seed, label=label)
         seconds = time.perf_counter() - start
         if out.suffix.lower() == ".npy":
             from kvae.files import atomic_path
@@ -74,9 +86,11 @@ def main(argv=None) -> None:
         else:
             from kvae.plots import save_grid
 
-            save_grid(images, out, cols=args.cols)
+            save_grid(images, out, cols=cols)
         seed = "unseeded" if args.seed is None else f"seed {args.seed}"
-        print(f"kvae.sample: {args.n} images from {decoder.path} ({decoder.format}, {seed}) in "
+        of = "" if args.label is None else f" of class {args.label}" if args.label != "all" else \
+            f", {args.n} of each of {decoder.num_classes} classes"
+        print(f"kvae.sample: {n} images{of} from {decoder.path} ({decoder.format}, {seed}) in "
               f"{seconds * 1000:.1f} ms; wrote {out}")
 
 

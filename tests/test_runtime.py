@@ -90,7 +90,8 @@ def test_blocker_blocks_tensorflow(blocker):
     assert result.returncode != 0 and "blocked" in result.stderr
 
 
-RUNTIME_SIDE = {"kvae", "kvae.runtime", "kvae.sessions", "kvae.contract", "kvae.iwae", "kvae.errors",
+RUNTIME_SIDE = {"kvae", "kvae.runtime", "kvae.runtime_inputs", "kvae.sessions", "kvae.contract",
+                "kvae.iwae", "kvae.errors",
                 "kvae.cli", "kvae.files", "kvae.sample", "kvae.encode", "kvae.demo"}
 
 
