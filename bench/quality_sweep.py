@@ -69,7 +69,7 @@ def main() -> None:
         train = train.map(lambda batch: shifted(batch, args.shift))
     start = time.perf_counter()
     vae.fit(train, epochs=config.epochs, steps_per_epoch=steps, verbose=0,
-            callbacks=[KLWarmup(vae.posterior, config.beta, min(config.kl_warmup, config.epochs))])
+            callbacks=[KLWarmup.of(vae.posterior, config)])
     seconds = time.perf_counter() - start
     held_out = summarize(iwae_nll(vae, kdata.binarize_fixed(data.x_val, config.resolved_binarize), args.k))
     train_nll = summarize(iwae_nll(vae, kdata.binarize_fixed(data.x_train[:500], config.resolved_binarize),

@@ -28,6 +28,12 @@ class KLWarmup(keras.callbacks.Callback):
         super().__init__()
         self.posterior, self.beta, self.epochs = posterior, beta, epochs
 
+    @classmethod
+    def of(cls, posterior, config) -> "KLWarmup":
+        """The run's warm-up: config's beta and ramp (resolved), the ramp ending by the last epoch
+        even in runs shorter than it."""
+        return cls(posterior, config.resolved_beta, min(config.resolved_kl_warmup, config.epochs))
+
     def on_epoch_begin(self, epoch, logs=None):
         weight = min(1.0, (epoch + 1) / self.epochs) if self.epochs else 1.0
         self.posterior.beta.assign(self.beta * weight)
@@ -196,7 +202,7 @@ class RunState(keras.callbacks.Callback):
         # The best epoch by the full-beta objective: during KL warm-up val_loss uses a smaller beta
         # and would favour the early, under-regularized epochs.
         if "val_reconstruction_loss" in logs and "val_kl_loss" in logs:
-            val_loss = logs["val_reconstruction_loss"] + self.config.beta * logs["val_kl_loss"]
+            val_loss = logs["val_reconstruction_loss"] + self.config.resolved_beta * logs["val_kl_loss"]
         else:
             val_loss = logs.get("val_loss", logs.get("loss"))
         if val_loss < self.best_val_loss:

@@ -18,6 +18,7 @@ ARCHS = ("conv", "mlp")
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARIZE = ("auto", "dynamic", "static", "none")
 STRATEGIES = ("none", "mirrored", "multi-worker")
+CONDITIONAL_BETA = 1.25  # the default KL weight of a conditional model (docs/benchmarks.md, "Conditional")
 
 
 class ConfigError(KVAEError):
@@ -43,8 +44,8 @@ class Config:
     filters: int = 16  # conv: channels of the first conv layer (the second has twice as many)
     likelihood: str = "bernoulli"  # P(X|z): bernoulli on pixels or gaussian with fixed sigma
     sigma: float = 0.1  # standard deviation of the gaussian likelihood (ignored for bernoulli)
-    beta: float = 1.0  # weight of the KL term D[Q(z|X) || P(z)]
-    kl_warmup: int = 80  # epochs over which beta ramps linearly from beta/kl_warmup up to beta (long ramps measured best)
+    beta: float | None = None  # weight of the KL term D[Q(z|X) || P(z)]; default 1 (the ELBO), 1.25 with --conditional (z then leaves the class to y)
+    kl_warmup: int | None = None  # epochs over which beta ramps linearly from beta/kl_warmup up to beta; default 80 (long ramps measured best), 0 with --conditional (a ramp lets z carry the class)
     # Optimisation
     epochs: int = 100  # passes over the training split
     batch_size: int = 64  # examples per gradient step
@@ -70,11 +71,11 @@ class Config:
             (self.val_size >= 1, "--val-size must be a positive integer"),
             (self.image_size is None or self.image_size >= 1, "--image-size must be a positive integer"),
             (self.cache.strip() != "", "--cache must be none, memory or a path prefix"),
-            (self.kl_warmup >= 0, "--kl-warmup must be >= 0"),
+            (self.kl_warmup is None or self.kl_warmup >= 0, "--kl-warmup must be >= 0"),
             (self.eval_k >= 0, "--eval-k must be >= 0"),
             (self.lr > 0, "--lr must be > 0"),
             (self.sigma > 0, "--sigma must be > 0"),
-            (self.beta >= 0, "--beta must be >= 0"),
+            (self.beta is None or self.beta >= 0, "--beta must be >= 0"),
             (self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
             (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {', '.join(LIKELIHOODS)}"),
             (self.binarize in BINARIZE, f"--binarize must be one of {', '.join(BINARIZE)}"),
@@ -90,6 +91,24 @@ class Config:
     def _value_for(self, message: str) -> str:
         name = message.split()[0].lstrip("-").replace("-", "_")
         return repr(getattr(self, name, None))
+
+    @property
+    def resolved_beta(self) -> float:
+        """The KL weight actually used (resolves the default): 1, the ELBO, or CONDITIONAL_BETA
+        for a conditional model: the class then comes from y rather than z, so samples drawn for
+        a class are of that class (docs/training.md, "Conditional models")."""
+        if self.beta is not None:
+            return float(self.beta)
+        return CONDITIONAL_BETA if self.conditional else 1.0
+
+    @property
+    def resolved_kl_warmup(self) -> int:
+        """The KL warm-up actually used (resolves the default): 80 epochs, or none for a
+        conditional model, whose z would otherwise take the class in the cheap-KL early epochs
+        and leave y unread (docs/training.md, "Conditional models")."""
+        if self.kl_warmup is not None:
+            return self.kl_warmup
+        return 0 if self.conditional else 80
 
     @property
     def resolved_binarize(self) -> str:
@@ -147,7 +166,7 @@ def _checked(values: dict) -> dict:
             ok = True
         if not ok:
             raise ConfigError(f"config key {key!r} must be {want.__name__}, got {value!r}")
-    return {k: float(v) if types[k] is float else v for k, v in values.items()}
+    return {k: float(v) if types[k] is float and v is not None else v for k, v in values.items()}
 
 
 def _flag(name: str) -> str:

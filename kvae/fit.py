@@ -220,9 +220,7 @@ def _fit(config: Config, resume: bool, callbacks) -> dict:
         vae.fit(train, epochs=config.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                 validation_data=val, validation_batch_size=256, shuffle=False,
                 verbose=1 if sys.stdout.isatty() else 2,
-                # the ramp ends by the last epoch even in runs shorter than --kl-warmup
-                callbacks=[KLWarmup(vae.posterior, config.beta, min(config.kl_warmup, config.epochs)),
-                           state, *callbacks, *logs])
+                callbacks=[KLWarmup.of(vae.posterior, config), state, *callbacks, *logs])
         state.train_seconds += time.perf_counter() - started
         state.save_progress()
         if not chief:

@@ -260,7 +260,7 @@ def build_vae(config: Config, image_shape, num_classes: int = 0) -> VAE:
                             config.filters, num_classes)
     decoder_net = build_decoder_net(image_shape, config.latent_dim, config.arch, config.hidden,
                                     config.filters, num_classes)
-    vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.beta, config.seed,
+    vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.resolved_beta, config.seed,
               name="vae")
     x = ops.zeros((1, *image_shape))
     vae((x, ops.zeros((1, num_classes))) if num_classes else x)

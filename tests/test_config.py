@@ -47,7 +47,22 @@ def test_precedence_defaults_file_flags(tmp_path):
     add_config_flags(parser)
     args = parser.parse_args(["--epochs", "9", "--no-jit"])
     config = config_from_args(args, Config.from_json(tmp_path / "c.json"))
-    assert (config.latent_dim, config.epochs, config.jit, config.beta) == (4, 9, False, 1.0)
+    assert (config.latent_dim, config.epochs, config.jit, config.resolved_beta) == (4, 9, False, 1.0)
+
+
+def test_conditional_defaults_resolve_beta_and_warmup():
+    """beta and the KL warm-up default by mode (docs/benchmarks.md, "Conditional"); a value given
+    is kept, and the JSON round trip keeps the unset ones unset."""
+    from kvae.config import CONDITIONAL_BETA
+
+    assert (Config().resolved_beta, Config().resolved_kl_warmup) == (1.0, 80)
+    conditional = Config(conditional=True)
+    assert (conditional.resolved_beta, conditional.resolved_kl_warmup) == (CONDITIONAL_BETA, 0)
+    given = Config(conditional=True, beta=1.0, kl_warmup=10)
+    assert (given.resolved_beta, given.resolved_kl_warmup) == (1.0, 10)
+    assert Config.from_dict(Config().to_dict()) == Config()
+    with pytest.raises(ConfigError, match="--beta must be >= 0"):
+        Config(beta=-1.0)
 
 
 def test_help_explains_every_flag(capsys):
