@@ -177,9 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         result = measure(decoder, classes, model, real, args.n, args.seed)
         print(report(result))
         config = read_json_object(Path(args.run) / "config.json")
+        # the run's own -log P(X|y) (RUN/metrics.json "eval": `python -m kvae.evaluate RUN --k 1000`
+        # puts the k = 1000 estimate there), next to what the classifier says of its samples
+        evaluation = read_json_object(Path(args.run) / "metrics.json").get("eval")
         result = {"command": " ".join(["python", "bench/conditional.py", *(argv or sys.argv[1:])]),
                   "machine": machine.describe(), "run": str(args.run), "run_config": config,
-                  "classifier": info, **result}
+                  "run_eval": evaluation, "classifier": info, **result}
         RESULTS.mkdir(exist_ok=True)
         atomic_write_text(RESULTS / "conditional.json", json.dumps(result, indent=2) + "\n")
 

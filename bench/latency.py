@@ -145,7 +145,6 @@ def _inputs(half: str, batch: int, latent_dim: int, image_shape) -> np.ndarray:
 
 def keras_cases(run: Path, batches, latent_dim: int, image_shape) -> list[Case]:
     """Keras eager `model(x)` and a traced `tf.function`, numpy in and out (as a user calls them)."""
-    import keras
     import tensorflow as tf
 
     import kvae.model  # noqa: F401  (registers kvae's serializable layers)
@@ -447,6 +446,9 @@ def measure(run: str | Path, seconds: float = 0.5, rounds: int = 5, threads=(1, 
         manifest = read_manifest(export)
     except ValueError as e:
         raise KVAEError(f"{e}: export the run again") from None
+    if manifest.get("conditional"):
+        raise KVAEError(f"{run} is a conditional run: bench/latency.py times unconditional files "
+                        "(their halves take no y)")
     latent_dim, image_shape = int(manifest["latent_dim"]), [int(d) for d in manifest["image_shape"]]
     signatures = {name: list(e.get("signatures") or {}) for name, e in manifest.get("files", {}).items()}
     no_fixed = sorted({f"batch{b}" for name in export_paths(run) if name.endswith(".tflite")

@@ -63,6 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or "runs/bench-quality"
     config = config_from_args(args)
+    if config.conditional:  # its NLL is -log P(X|y); this benchmark scores unconditional models
+        sys.exit("bench/quality.py: error: --conditional is not measured here: use python bench/conditional.py "
+                 "RUN for a conditional run")
     shutil.rmtree(config.out, ignore_errors=True)
     data = kdata.load(config.dataset, config.data_dir, config.val_size, image_size=config.image_size)
     x_val = kdata.binarize_fixed(data.x_val, config.resolved_binarize)

@@ -54,6 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or "runs/quality-sweep"
     config = config_from_args(args)
+    if config.conditional:  # its NLL is -log P(X|y); this benchmark scores unconditional models
+        sys.exit("bench/quality_sweep.py: error: --conditional is not measured here: use python bench/conditional.py "
+                 "RUN for a conditional run")
     data = kdata.load(config.dataset, config.data_dir, config.val_size, image_size=config.image_size)
     keras.utils.set_random_seed(config.seed)
     vae = build_vae(config, data.image_shape)

@@ -92,6 +92,11 @@ class Config:
         name = message.split()[0].lstrip("-").replace("-", "_")
         return repr(getattr(self, name, None))
 
+    def resolved(self) -> "Config":
+        """This config with its mode-dependent defaults (beta, kl_warmup) filled in: what a run
+        saves as config.json, so the folder says what it trained with and a resume keeps it."""
+        return dataclasses.replace(self, beta=self.resolved_beta, kl_warmup=self.resolved_kl_warmup)
+
     @property
     def resolved_beta(self) -> float:
         """The KL weight actually used (resolves the default): 1, the ELBO, or CONDITIONAL_BETA
@@ -192,7 +197,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     defaults = Config()
     for name, kind in _types().items():
         default = getattr(defaults, name)
-        text = f"{helps.get(name, '')} (default: {default})".replace("%", "%%")
+        shown = "" if default is None and "default" in helps.get(name, "") else f" (default: {default})"
+        text = f"{helps.get(name, '')}{shown}".replace("%", "%%")
         if kind is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=text)

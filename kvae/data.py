@@ -131,8 +131,13 @@ class Data:
         if the dataset has none, or not for every image."""
         y = self.y_train if split == "train" else self.y_val
         x = self.x_train if split == "train" else self.x_val
+        if y is None and self.class_names:  # a big TFDS set streams its training images
+            raise KVAEError(f"{self.name} is streamed from disk (over {STREAM_BYTES >> 30} GiB "
+                            "decoded), and streamed training images come without their labels: "
+                            "a conditional model needs a dataset that fits in memory (a smaller "
+                            "--image-size)")
         if y is None or not self.class_names:
-            raise KVAEError(f"--conditional needs class labels and {self.name} has none: use "
+            raise KVAEError(f"a conditional model needs class labels and {self.name} has none: use "
                             "mnist-5k, a TFDS dataset with a 'label' feature, an .npz with 'y', or "
                             "an image folder with one sub-folder per class")
         if len(y) != len(x) or (len(y) and int(np.min(y)) < 0):
@@ -338,7 +343,8 @@ def _folder(path: Path, val_size: int, image_size: int | None) -> Data:
     names = tuple(sorted({c for c in folders if c is not None}))
     if not names:
         return Data(str(path), stream, x_val)
-    ids = np.array([names.index(c) if c is not None else -1 for c in folders], np.int64)
+    index = {name: i for i, name in enumerate(names)}
+    ids = np.array([index[c] if c is not None else -1 for c in folders], np.int64)
     return Data(str(path), stream, x_val, ids[order[val_size:]], ids[order[:val_size]], names)
 
 

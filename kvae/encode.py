@@ -4,7 +4,8 @@ Encodes image files with an exported encoder, without TensorFlow: each image -> 
 Q(z|X)'s mean `loc` (and standard deviation `scale`). FILE_OR_RUN is an encoder file, an export
 folder or a run folder (RUN/export/encoder.onnx, else encoder.tflite). IMAGES are image files
 (png, jpg, bmp, gif, webp) or folders of them (taken in sorted order); they are converted to the
-model's channels (grayscale or RGB) and must have its size unless --resize is given.
+model's channels (grayscale or RGB) and must have its size unless --resize is given. A
+conditional model needs `--label` (a class id or name) for the images.
 
 Output: `.npy` -> the (N, latent_dim) float32 array of `loc`, in the order the images were
 given; `.npz` -> arrays `loc`, `scale` (N, latent_dim) and `files` (N,) (the image paths).

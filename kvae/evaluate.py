@@ -211,9 +211,12 @@ def main(argv=None) -> None:
             raise KVAEError(f"{name} images are {data.image_shape}, the model takes {vae.image_shape}: "
                             f"pass a --dataset of {vae.image_shape} images")
         labels = data.labels("val") if vae.num_classes else None
-        if labels is not None and data.num_classes != vae.num_classes:
-            raise KVAEError(f"{name} has {data.num_classes} classes, the conditional model "
-                            f"{vae.num_classes}: pass the --dataset it was trained on")
+        trained = runs.read_metrics(run).get("classes")
+        if labels is not None and (data.num_classes != vae.num_classes or (
+                trained is not None and list(data.class_names) != list(trained))):
+            raise KVAEError(f"{name}'s classes ({', '.join(data.class_names)}) are not the ones the "
+                            f"conditional model was trained on ({', '.join(trained or [])}): pass "
+                            "the --dataset it was trained on")
         result = evaluate(vae, data.x_val, config.resolved_binarize, k=args.k, n=args.n,
                           seed=args.seed, split=split, dataset=name, progress=True, labels=labels)
         print(format_table(result))

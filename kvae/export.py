@@ -195,9 +195,11 @@ def load_run(run: str | Path) -> Run:
         raise KVAEError(f"{config.dataset} images are {data.image_shape}, the model takes {image_shape}")
     latent_dim = int(decoder.inputs[0].shape[-1])
     conditional = len(encoder.inputs) > 1
-    if conditional and int(encoder.inputs[1].shape[-1]) != data.num_classes:
-        raise KVAEError(f"{config.dataset} has {data.num_classes} classes, the conditional model "
-                        f"takes {int(encoder.inputs[1].shape[-1])}")
+    trained = runs.read_metrics(run).get("classes")
+    if conditional and (int(encoder.inputs[1].shape[-1]) != data.num_classes or (
+            trained is not None and list(data.class_names) != list(trained))):
+        raise KVAEError(f"{config.dataset} has the classes {list(data.class_names or ())}, the "
+                        f"conditional model was trained on {trained or int(encoder.inputs[1].shape[-1])}")
     y_val = kdata.one_hot(data.labels("val"), data.num_classes) if conditional else None
     y_train = kdata.one_hot(data.labels("train"), data.num_classes) if conditional else None
 
@@ -299,12 +301,9 @@ def quiet():
 
 def io_spec(run: Run, half: str) -> tuple[list[dict], list[dict]]:
     d, image = run.latent_dim, list(run.image_shape)
-    if half == "encoder":
-        inputs = [{"name": "x", "shape": ["batch", *image], "dtype": "float32"}]
-        outputs = [{"name": n, "shape": ["batch", d], "dtype": "float32"} for n in OUTPUTS[half]]
-    else:
-        inputs = [{"name": "z", "shape": ["batch", d], "dtype": "float32"}]
-        outputs = [{"name": "x_mean", "shape": ["batch", *image], "dtype": "float32"}]
+    shapes = {"x": image, "z": [d], "loc": [d], "scale": [d], "x_mean": image}
+    inputs = [{"name": INPUT[half], "shape": ["batch", *shapes[INPUT[half]]], "dtype": "float32"}]
+    outputs = [{"name": n, "shape": ["batch", *shapes[n]], "dtype": "float32"} for n in OUTPUTS[half]]
     if run.num_classes:
         inputs.append({"name": CONDITION, "shape": ["batch", run.num_classes], "dtype": "float32"})
     return inputs, outputs

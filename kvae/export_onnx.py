@@ -230,7 +230,7 @@ def _check_onnx(path: Path, run: Run, half: str, precision: str, name: str) -> d
 
 def _onnx_int8(fp32, run: Run, half: str, calibration: dict, folder: Path,
                int8: str = "best") -> tuple:
-    """Static-QDQ and dynamic int8 candidates, one kept by `_best_int8`."""
+    """Static-QDQ and dynamic int8 candidates, one kept by `best_int8`."""
 
     def build(method: str):
         proto = _quantize_onnx(fp32, half, method, calibration, folder)

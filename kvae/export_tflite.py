@@ -118,7 +118,7 @@ def _nll_of_tflite(run: Run, half: str, path: Path, keys: list[str], images: str
 def _tflite_int8(run: Run, half: str, savedmodel: Path, keys: list[str], calibration: dict,
                  folder: Path, int8: str = "best") -> tuple[bytes, dict]:
     """Full-integer (`static`: calibrated int8 activations) and dynamic-range (`dynamic`: int8
-    weights, float activations) candidates, one kept by `_best_int8`.
+    weights, float activations) candidates, one kept by `best_int8`.
     Full-integer is the faster one, but it quantizes the decoder's sigmoid output to steps of
     1/256, which costs NLL on confident pixels."""
 

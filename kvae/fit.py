@@ -143,6 +143,7 @@ def fit(config: Config, resume: bool = False, callbacks=()) -> dict:
     Raises:
       kvae.runlock.RunInUse: another process writes `config.out`.
     """
+    config = config.resolved()  # config.json says which beta and warm-up the run used
     with run_lock(config.out, "kvae.fit", create=True) if is_chief() else contextlib.nullcontext():
         return _fit(config, resume, callbacks)
 

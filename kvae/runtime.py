@@ -18,7 +18,7 @@ the ONNX file's metadata, else from the model's input and output shapes.
 
 Sampling draws eps ~ N(0, I) on the host with numpy's Generator and feeds it as z: a seed gives
 the same images in every process, no seed gives new ones. (Random ops inside the exported graph
-replay one sequence per onnxruntime session and cannot take a seed: see the README.)
+replay one sequence per onnxruntime session and cannot take a seed: docs/design.md, "Random ops".)
 
 Nothing here imports TensorFlow, and `import kvae.runtime` imports only numpy.
 """

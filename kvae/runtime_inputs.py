@@ -27,6 +27,8 @@ def condition(label, n: int, classes: tuple[str, ...], path) -> np.ndarray | Non
         if label.shape != (n, len(classes)):
             raise RuntimeInputError(f"y must have shape ({n}, {len(classes)}); got {label.shape}")
         return _as_float32(label, "y")
+    if isinstance(label, np.ndarray) and label.ndim == 0:
+        label = label.item()
     labels = list(label) if isinstance(label, (list, tuple, np.ndarray)) else [label]
     if len(labels) == 1:
         labels = labels * n

@@ -242,7 +242,7 @@ class Session:
         """(start, rows, signature batch) per runtime call for n rows.
 
         A fixed-batch signature that fits takes the rows (TFLite `batch1` row by row: faster than
-        the dynamic signature for the conv decoder under XNNPACK, see kvae/export.py), then the
+        the dynamic signature for the conv decoder under XNNPACK, see kvae/export_tflite.py), then the
         dynamic signature in chunks of max_batch; a file with fixed batches only gets its last
         chunk padded.
         """

@@ -22,7 +22,8 @@ def test_file_names():
     assert len(names) == 12
 
 
-CONTRACT_NAMES = ("HALVES", "PRECISIONS", "QUANTIZED", "FORMATS", "INPUT", "OUTPUTS", "MANIFEST",
+CONTRACT_NAMES = ("HALVES", "PRECISIONS", "QUANTIZED", "FORMATS", "INPUT", "OUTPUTS", "CONDITION",
+                  "inputs", "MANIFEST",
                   "filename", "sha256", "read_manifest", "update_manifest", "tflite_metadata",
                   "add_tflite_metadata", "onnx_metadata", "set_onnx_metadata")
 SEAM_MODULES = ("export", "export_checks", "export_tflite", "export_onnx", "sessions", "runtime",
@@ -31,8 +32,6 @@ SEAM_MODULES = ("export", "export_checks", "export_tflite", "export_onnx", "sess
 
 def test_everyone_uses_the_one_contract():
     """No second copy: the exporter, the runtime, the report and the benchmark take these names."""
-    import importlib
-
     import kvae.demo
     import kvae.runtime
 
@@ -44,6 +43,12 @@ def test_everyone_uses_the_one_contract():
     assert {"filename", "sha256", "update_manifest", "add_tflite_metadata", "set_onnx_metadata"} <= used
     assert kvae.runtime.SIGNATURES == {h: ((contract.INPUT[h],), contract.OUTPUTS[h]) for h in contract.HALVES}
     assert not hasattr(kvae.runtime, "sha256")
+    assert "manifest.json" in kvae.demo.REQUIRED_EXPORTS
+    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
+    latency = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = latency  # its dataclasses look their module up there
+    spec.loader.exec_module(latency)
+    assert latency.filename is contract.filename and latency.HALVES is contract.HALVES
 
 
 def test_one_session_layer():
@@ -56,12 +61,6 @@ def test_one_session_layer():
     import kvae.export_checks
 
     assert not hasattr(kvae.export_checks, "LiteRTRunner") and not hasattr(kvae.export_checks, "ORTRunner")
-    assert "manifest.json" in kvae.demo.REQUIRED_EXPORTS
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
-    latency = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = latency  # its dataclasses look their module up there
-    spec.loader.exec_module(latency)
-    assert latency.filename is contract.filename and latency.HALVES is contract.HALVES
 
 
 def test_read_manifest(tmp_path):
