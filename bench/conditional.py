@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
                   "machine": machine.describe(), "run": str(args.run), "run_config": config,
                   "run_eval": evaluation, "classifier": info, **result}
         RESULTS.mkdir(exist_ok=True)
-        atomic_write_text(RESULTS / "conditional.json", json.dumps(result, indent=2) + "\n")
+        name = "conditional.json" if args.classifier_data == "mnist-5k" else \
+            f"conditional-{args.classifier_data}.json"
+        atomic_write_text(RESULTS / name, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

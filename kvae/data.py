@@ -137,7 +137,8 @@ class Data:
                             "a conditional model needs a dataset that fits in memory (a smaller "
                             "--image-size)")
         if y is None or not self.class_names:
-            raise KVAEError(f"a conditional model needs class labels and {self.name} has none: use "
+            raise KVAEError(f"a conditional model (--conditional) needs class labels and {self.name} "
+                            "has none: use "
                             "mnist-5k, a TFDS dataset with a 'label' feature, an .npz with 'y', or "
                             "an image folder with one sub-folder per class")
         if len(y) != len(x) or (len(y) and int(np.min(y)) < 0):

@@ -273,3 +273,13 @@ def test_tfds_mnist_unavailable_says_what_to_do(monkeypatch):
         digits.load_digits("mnist")
     with pytest.raises(KVAEError, match="unknown --classifier-data"):
         digits.load_digits("emnist")
+
+
+def test_validation_digits_train_a_classifier_that_never_saw_the_vaes_digits():
+    """--classifier-data mnist-5k-val: trained on the 500 digits the VAE never trains on, judged
+    on the VAE's 4,500 training digits; no digit is on both sides."""
+    val = digits.load_digits("mnist-5k-val")
+    five_k = digits.load_digits("mnist-5k")
+    assert len(val.x_train) == 500 and len(val.x_val) == 4500 and val.overlap == 0
+    assert np.array_equal(val.x_train, five_k.x_val) and np.array_equal(val.x_val, five_k.x_train)
+    assert not {digits._digest(im) for im in val.x_train} & {digits._digest(im) for im in val.x_val}

@@ -232,7 +232,7 @@ def test_manifest_numbers_are_true(exported, keras_halves, arch):
     files = json.loads((folder / "export" / "manifest.json").read_text())["files"]
     for name, entry in files.items():
         path, half = folder / "export" / name, entry["half"]
-        inputs = run.parity_inputs(half)
+        inputs = run.feeds(half)[contract.INPUT[half]]
         ref = keras_outputs(keras_halves(arch), half, inputs)
         signatures = [k for k in entry.get("signatures", {}) if k != "serving_default"]
         runs = [run_file(path, half, inputs, len(inputs)), run_file(path, half, inputs, 1)]
@@ -422,7 +422,7 @@ def test_weightless_tflite_is_caught(exported, monkeypatch, tmp_path):
 
     _, run = exported("conv")
 
-    def weightless(savedmodel, keys, precision, calibration, input_name):
+    def weightless(savedmodel, keys, precision, calibration, method="static"):
         model = run.encoder
 
         @tf.function(input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32, name="x")])
@@ -701,7 +701,7 @@ def test_int8_method_is_chosen_on_training_images(exported, keras_halves, forced
         if abs(selection["static"] - selection["dynamic"]) > 2e-4:  # the manifest rounds to 1e-4
             assert best[name]["quantization"] == chosen, (name, selection, best[name]["int8_candidates"])
         chosen = best[name]["quantization"]
-        inputs = run.parity_inputs(half)[:16]
+        inputs = run.feeds(half)[contract.INPUT[half]][:16]
         written = run_file(folder / "export" / name, half, inputs, 16)
         for k, v in run_file(files[chosen], half, inputs, 16).items():
             np.testing.assert_array_equal(written[k], v)  # the file written is that candidate
@@ -720,8 +720,8 @@ def test_int8_method_is_chosen_on_training_images(exported, keras_halves, forced
 def _failing(real, fails, fmt):
     """Wraps a quantizer so that the int8 methods in `fails` raise as an unsupported op would."""
     def quantize(*args, **kwargs):
-        # _quantize_onnx(proto, half, method, ...); _tflite_bytes(sm, keys, precision, cal, name, method)
-        method = args[2] if fmt == "onnx" else (args[5] if args[2] == "int8" else None)
+        # _quantize_onnx(proto, half, method, ...); _tflite_bytes(sm, keys, precision, cal, method)
+        method = args[2] if fmt == "onnx" else (args[4] if args[2] == "int8" else None)
         if method in fails:
             raise RuntimeError("Unsupported op: FancyConv (a stand-in for a converter gap)")
         return real(*args, **kwargs)

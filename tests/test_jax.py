@@ -175,7 +175,7 @@ def test_jax_mixed_precision_and_tf_distribute_flag(tmp_path):
 def test_gpu_check_script_runs_and_checks(tmp_path):
     """bench/gpu_check.sh end to end on the CPU (--allow-cpu), in the JAX environment."""
     env = {**jax_env(), "PYTHON": str(JAX_PYTHON)}
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "2",
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "1",
                              "--max-nll", "400", "--out", str(tmp_path / "runs"),
                              "--results", str(tmp_path)], env=env, capture_output=True, text=True,
                             timeout=900)
