@@ -20,7 +20,7 @@ import numpy as np
 
 from kvae.cli import ArgumentParser, cli_errors
 from kvae.errors import KVAEError
-from kvae.sample import add_runtime_flags
+from kvae.sample import add_runtime_flags, cli_label
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -94,10 +94,7 @@ def main(argv=None) -> None:
                           threads=args.threads, xnnpack=args.xnnpack, verify=args.verify)
         files = image_files(args.images)
         x = read_images(files, encoder.image_shape, args.resize)
-        label = args.label
-        if label is not None and label not in encoder.classes and label.isdigit():
-            label = int(label)  # a class id
-        loc, scale = encoder.encode(x, label)
+        loc, scale = encoder.encode(x, cli_label(args.label, encoder.classes))
         buffer = io.BytesIO()
         if out.suffix.lower() == ".npy":
             np.save(buffer, loc)

@@ -33,6 +33,13 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="check the file's sha256 against manifest.json first")
 
 
+def cli_label(value: str | None, classes) -> str | int | None:
+    """--label as the runtime takes it: a class name as given, else digits as a class id."""
+    if value is not None and value not in classes and value.isdigit():
+        return int(value)
+    return value
+
+
 def main(argv=None) -> None:
     parser = ArgumentParser(
         prog="python -m kvae.sample",
@@ -72,8 +79,8 @@ def main(argv=None) -> None:
                 raise KVAEError(f"{decoder.path} is not a conditional model: it takes no --label")
             label, cols = [c for c in range(decoder.num_classes) for _ in range(n)], cols or n
             n = len(label)
-        elif label is not None and label not in decoder.classes and label.isdigit():
-            label = int(label)  # a class id
+        else:
+            label = cli_label(label, decoder.classes)
         start = time.perf_counter()
         images = decoder.sample(n, seed=args.seed, label=label)
         seconds = time.perf_counter() - start

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_script
 
 from kvae import contract
 
@@ -44,10 +44,7 @@ def test_everyone_uses_the_one_contract():
     assert kvae.runtime.SIGNATURES == {h: ((contract.INPUT[h],), contract.OUTPUTS[h]) for h in contract.HALVES}
     assert not hasattr(kvae.runtime, "sha256")
     assert "manifest.json" in kvae.demo.REQUIRED_EXPORTS
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
-    latency = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = latency  # its dataclasses look their module up there
-    spec.loader.exec_module(latency)
+    latency = load_script("latency")
     assert latency.filename is contract.filename and latency.HALVES is contract.HALVES
 
 
