@@ -31,6 +31,8 @@ HALVES = ("encoder", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED = ("fp16", "int8")
 FORMATS = ("tflite", "onnx")
+ORT_FORMAT = "ort"  # onnxruntime's own format, converted from the .onnx files (to_onnx.py --ort); not in FORMATS
+ORT_OPERATORS = "required_operators_and_types.config"  # what the .ort files need: a reduced onnxruntime build's config
 INPUT = {"encoder": "x", "decoder": "z"}
 CONDITION = "y"  # the second input of a conditional model's halves: one-hot (batch, num_classes)
 OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
@@ -87,14 +89,20 @@ def update_manifest(out: str | Path, header: dict, entries: dict[str, dict], rem
     """Merges `entries` into out/manifest.json (atomically, under a lock) and returns it.
 
     Entries of files that no longer exist, or that were exported from other Keras files
-    (another training of this run: header["source"] differs), are dropped.
+    (another training of this run: header["source"] differs), are dropped. Header entries that
+    name a file ({"file": NAME, ...}, e.g. ORT_OPERATORS) and that `header` lacks are kept while
+    that file exists and the Keras files are the same: one exporter's merge keeps the other's.
     """
     out = Path(out)
     with _locked(out):
         current = {}
         with contextlib.suppress(ValueError):
             current = read_manifest(out)
-        files = current.get("files", {}) if current.get("source") == header["source"] else {}
+        same_model = current.get("source") == header["source"]
+        files = current.get("files", {}) if same_model else {}
+        named = {key: value for key, value in current.items()
+                 if same_model and key not in header and key != "files" and isinstance(value, dict)
+                 and isinstance(value.get("file"), str) and (out / value["file"]).is_file()}
         stale = sorted(set(current.get("files", {})) - set(files))
         if stale:
             print(f"kvae.export: dropped manifest entries from an older model: {', '.join(stale)} "
@@ -102,7 +110,7 @@ def update_manifest(out: str | Path, header: dict, entries: dict[str, dict], rem
         files.update(entries)
         files = {name: entry for name, entry in sorted(files.items())
                  if name not in removed and (out / name).exists()}
-        manifest = {**header, "files": files}
+        manifest = {**header, **named, "files": files}
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
