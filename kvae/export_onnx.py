@@ -1,32 +1,50 @@
 """ONNX export: Keras half -> `tf2onnx.convert.from_function`, opset 17, batch dim named `batch`.
 
-    python export/to_onnx.py RUN [--quantize fp16 int8] [--int8 best]
+    python export/to_onnx.py RUN [--quantize fp16 int8] [--int8 best] [--ort]
 
 - fp16: float16 weights, each followed by a Cast to float32 (float32 I/O and arithmetic, half
   the size, runs on every onnxruntime build).
 - int8: onnxruntime's static QDQ (calibrated on the run's training images / z) or dynamic
   quantization, both with uint8 weights and activations (INT8_TYPES in kvae.export_checks says
   why); `best` builds both and keeps one (kvae.export_checks.best_int8).
+- `--ort` (`export_ort`): each .onnx file written is also converted to onnxruntime's own format
+  (`<half>[.<precision>].ort`, what a reduced onnxruntime build for a phone loads) with
+  onnxruntime's converter, checked against Keras like the .onnx files, and the operators and
+  types the .ort files need are written to `required_operators_and_types.config`
+  (contract.ORT_OPERATORS) for a custom build.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from kvae import iwae
-from kvae.contract import CONDITION, INPUT, OUTPUTS, QUANTIZED, set_onnx_metadata
-from kvae.errors import KVAEError
-from kvae.export import Run, export_all, file_entry, load_run, metadata, quiet, written_file
+from kvae.contract import (CONDITION, INPUT, ORT_FORMAT, ORT_OPERATORS, OUTPUTS, QUANTIZED, filename,
+                           read_manifest, set_onnx_metadata, sha256, update_manifest)
+from kvae.errors import KVAEError, describe_os_error
+from kvae.export import (Run, export_all, file_entry, load_run, log, manifest_header, metadata,
+                         quiet, written_file)
 from kvae.export_checks import INT8_TYPES, best_int8, check_file, methods, nll_of_file
 from kvae.sessions import first_line
 
 OPSET = 17
+# The optimization level onnxruntime's converter bakes into each .ort file (a minimal onnxruntime
+# build cannot optimize at load time, and a full build does not re-optimize an .ort file).
+# "all" (the converter's default, less the x86-only NCHWc layout) for float32 and int8: the
+# fused graph the .onnx file runs as in onnxruntime. "disable" for fp16: every other level
+# constant-folds the float16 -> float32 Casts, which stores the weights as float32 again (an
+# fp16 .ort file of the float32 file's size); kept as is, the file stays half the size and its
+# Casts run in each call (docs/export.md, "ORT format" has the measured cost).
+ORT_LEVEL = {"fp32": "all", "fp16": "disable", "int8": "all"}
+ORT_STYLE = "Fixed"  # the converter's optimization style: Fixed (CPU), not Runtime (NNAPI / CoreML)
 
 
 def export_onnx(run: str | Path | Run, out: str | Path | None = None,
-                quantize: tuple[str, ...] = QUANTIZED, int8: str = "best") -> dict:
+                quantize: tuple[str, ...] = QUANTIZED, int8: str = "best", ort: bool = False) -> dict:
     """Writes encoder/decoder .onnx files (float32 and `quantize` variants) and their manifest.
 
     int8 (`best`): static QDQ and dynamic quantization are both built and measured; the one with
@@ -38,6 +56,7 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
       out: output folder (default RUN/export).
       quantize: quantized variants besides float32: any of `fp16`, `int8`.
       int8: `static` (QDQ, calibrated), `dynamic` or `best` (both; see _best_int8).
+      ort: also convert each file to onnxruntime's format (`export_ort`).
 
     Returns:
       The manifest (dict) after merging this export's entries.
@@ -71,7 +90,107 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
             return file_entry(written, run, half, "onnx", precision, check, batch="dynamic",
                               opset=OPSET, **extra)
 
-    return export_all(run, out, "onnx", quantize, write)
+    manifest = export_all(run, out, "onnx", quantize, write)
+    return export_ort(run, out, quantize) if ort else manifest
+
+
+def export_ort(run: Run, out: str | Path | None = None,
+               quantize: tuple[str, ...] = QUANTIZED) -> dict:
+    """Converts the folder's .onnx files to ORT format and merges them into the manifest.
+
+    Each `<half>[.<precision>].onnx` (float32 and `quantize`) becomes `<half>[.<precision>].ort`
+    through onnxruntime's converter (`onnxruntime.tools.convert_onnx_models_to_ort`, style
+    ORT_STYLE, level ORT_LEVEL[precision]); it is run through kvae.sessions and compared with
+    Keras under the .onnx bounds (quantized files get their own NLL change) before it gets its
+    final name, as every exported file (kvae.export.export_all). Then ORT_OPERATORS lists the
+    operators and types every .ort file of the folder needs, named in the manifest's header
+    under "ort_operators". The .onnx files are only read.
+
+    Raises:
+      KVAEError: an .onnx file is missing, a conversion failed, or a file failed its self-check.
+    """
+    import onnxruntime
+
+    out = Path(out) if out else run.path / "export"
+    listed = read_manifest(out).get("files", {})
+
+    def write(half: str, precision: str, path: Path, tmp: Path) -> dict:
+        source = filename(half, precision, "onnx")
+        onnx_entry = listed.get(source)
+        if onnx_entry is None or not (out / source).is_file():
+            raise KVAEError(f"{out / source} is missing or not in its manifest: export to ONNX first")
+        data = ort_bytes(out / source, tmp, ORT_LEVEL[precision])
+        with written_file(path, data) as written:
+            check = check_file(written, run, half, precision, path.name)
+            extra = {key: onnx_entry[key] for key in ("quantization", "int8_types") if key in onnx_entry}
+            if precision != "fp32":
+                extra.update(nll_of_file(run, half, written, 256, p_range=iwae.p_range(
+                    precision, onnx_entry.get("quantization"))))
+            converted = {"source": source, "source_sha256": onnx_entry["sha256"],
+                         "optimization_level": ORT_LEVEL[precision], "optimization_style": ORT_STYLE,
+                         "onnxruntime": onnxruntime.__version__}
+            return file_entry(written, run, half, ORT_FORMAT, precision, check, batch="dynamic",
+                              opset=OPSET, ort=converted, **extra)
+
+    manifest = export_all(run, out, ORT_FORMAT, quantize, write)
+    # every .ort file of the folder, this export's and an earlier one's (of the same Keras files)
+    models = sorted(name for name, entry in manifest["files"].items() if entry["format"] == ORT_FORMAT)
+    try:
+        operators = write_operator_config(out, models)
+    except OSError as e:
+        raise KVAEError(f"cannot write to {out}: {describe_os_error(e)}") from None
+    log(f"kvae.export: wrote {ORT_OPERATORS} (the operators and types of {', '.join(models)}, "
+        "for a reduced onnxruntime build)")
+    return update_manifest(out, {**manifest_header(run), "ort_operators": operators}, {})
+
+
+def ort_bytes(source: Path, folder: Path, level: str) -> bytes:
+    """The ORT-format bytes of the .onnx file `source`, by onnxruntime's converter at `level`
+    (its level names: disable, basic, extended, layout, all), converted in `folder`."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import (OptimizationStyle,
+                                                              convert_onnx_models_to_ort)
+
+    work = Path(tempfile.mkdtemp(prefix=f"{source.stem}-", dir=folder))
+    model = work / source.name
+    model.write_bytes(source.read_bytes())
+    variable = "ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"  # the converter's level knob
+    saved = os.environ.get(variable)
+    os.environ[variable] = level
+    try:
+        with quiet():
+            convert_onnx_models_to_ort(model, output_dir=work / "ort",
+                                       optimization_styles=[OptimizationStyle[ORT_STYLE]])
+    except Exception as e:
+        raise KVAEError(f"{source.name}: conversion to ORT format failed: {first_line(e)}") from None
+    finally:
+        if saved is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = saved
+    converted = sorted((work / "ort").glob("*.ort"))
+    if len(converted) != 1:
+        raise KVAEError(f"{source.name}: onnxruntime's converter wrote {len(converted)} .ort files")
+    return converted[0].read_bytes()
+
+
+def write_operator_config(out: Path, models: list[str]) -> dict:
+    """out/ORT_OPERATORS: the operators and types of the .ort files `models` (onnxruntime's
+    create_config_from_models with type reduction), for a reduced build
+    (`--include_ops_by_config`, `--enable_reduced_operator_type_support`). Returns its manifest
+    entry."""
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    with tempfile.TemporaryDirectory(prefix="kvae-ort-config-") as tmp:
+        config = Path(tmp) / ORT_OPERATORS
+        with quiet():
+            create_config_from_models([out / m for m in models], config, enable_type_reduction=True)
+        # the header lists the models by their full paths: by file name here (the same bytes anywhere)
+        lines = [f"# - {Path(line[4:].strip()).name}" if line.startswith("# - ") else line
+                 for line in config.read_text().splitlines()]
+        with written_file(out / ORT_OPERATORS, ("\n".join(lines) + "\n").encode()):
+            pass
+    return {"file": ORT_OPERATORS, "sha256": sha256(out / ORT_OPERATORS), "models": models,
+            "type_reduction": True}
 
 
 def _onnx_model(run: Run, half: str):

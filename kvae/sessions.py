@@ -1,5 +1,5 @@
-"""Sessions on exported files: the onnxruntime / LiteRT code that runs a `.onnx` or `.tflite`
-file, with the batch planning and padding of fixed-batch signatures. One layer for everyone:
+"""Sessions on exported files: the onnxruntime / LiteRT code that runs a `.onnx`, `.ort` or
+`.tflite` file, with the batch planning and padding of fixed-batch signatures. One layer for everyone:
 kvae.runtime's Encoder / Decoder (what users run) and the export self-check (kvae.export_checks),
 which runs every file it writes through it before the file gets its final name.
 
@@ -16,7 +16,8 @@ import numpy as np
 from kvae import contract
 from kvae.errors import KVAEError
 
-EXTENSIONS = {f".{fmt}": fmt for fmt in contract.FORMATS}  # file suffix -> format
+EXTENSIONS = {f".{fmt}": fmt for fmt in (*contract.FORMATS, contract.ORT_FORMAT)}  # file suffix -> format
+ONNXRUNTIME = ("onnx", contract.ORT_FORMAT)  # the formats onnxruntime opens (.ort: its own format)
 
 
 class RuntimeInputError(ValueError, KVAEError):
@@ -86,7 +87,7 @@ class Session:
     """One opened model: named float inputs -> named outputs, in chunks of any batch size.
 
     Args:
-      path: `.onnx` or `.tflite` file.
+      path: `.onnx`, `.ort` (onnxruntime) or `.tflite` (LiteRT) file.
       threads: CPU threads for the runtime (None: the runtime's default).
       xnnpack: TFLite only: use the XNNPACK delegate (faster; off gives the reference kernels).
       max_batch: rows per call for dynamic-batch models (bounds memory).
@@ -108,7 +109,7 @@ class Session:
         self.format = EXTENSIONS.get(self.path.suffix.lower())
         if self.format is None:
             raise RuntimeInputError(f"{self.path}: unknown model format {self.path.suffix!r}; "
-                                    "expected a .onnx or .tflite file")
+                                    "expected a .onnx, .ort or .tflite file")
         if not self.path.is_file():
             raise RuntimeInputError(f"no such model file: {self.path}")
         if self.path.stat().st_size == 0:
@@ -121,7 +122,7 @@ class Session:
         self.prefer_fixed = prefer_fixed
         self._lock = threading.Lock()  # a LiteRT interpreter runs one call at a time
         self.signature_list = None
-        if self.format == "onnx":
+        if self.format in ONNXRUNTIME:
             if signatures is not None:
                 raise RuntimeInputError(f"{self.path}: an ONNX file has no signatures to choose")
             self._open_onnx(threads)
@@ -143,7 +144,8 @@ class Session:
             self._session = ort.InferenceSession(str(self.path), options,
                                                  providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
-            raise RuntimeInputError(f"cannot load {self.path} as an ONNX model (truncated, corrupt or "
+            kind = "an ORT-format" if self.format == contract.ORT_FORMAT else "an ONNX"
+            raise RuntimeInputError(f"cannot load {self.path} as {kind} model (truncated, corrupt or "
                                     f"not a model?): {first_line(e)}") from None
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                  "tensor(double)": np.float64, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
@@ -219,7 +221,7 @@ class Session:
 
     def read_metadata(self) -> dict[str, str]:
         """kvae's key/value metadata stored in the file (ONNX metadata_props, TFLite `kvae`)."""
-        if self.format == "onnx":
+        if self.format in ONNXRUNTIME:
             return self.metadata
         try:
             return contract.tflite_metadata(self.path)
@@ -229,7 +231,7 @@ class Session:
     @property
     def batches(self) -> list[int | None]:
         """Batch sizes the file takes: None for a dynamic batch, ints for fixed-batch signatures."""
-        if self.format == "onnx":
+        if self.format in ONNXRUNTIME:
             return [_batch_of(self.inputs)]
         return list(self._runners)
 
@@ -278,7 +280,7 @@ class Session:
     def _call(self, feeds: dict[str, np.ndarray], key: int | None) -> dict[str, np.ndarray]:
         feeds = {name: np.ascontiguousarray(value, dtype=self.inputs[name][1])
                  for name, value in feeds.items()}
-        if self.format == "onnx":
+        if self.format in ONNXRUNTIME:
             values = self._session.run(list(self.outputs), feeds)
             result = dict(zip(self.outputs, values))
         else:
