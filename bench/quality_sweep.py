@@ -6,7 +6,9 @@ random shifts of the training digits by up to S pixels, an exponential moving av
 weights (Adam's `use_ema`, momentum M), decoupled weight decay W (AdamW). Trains with the same
 data pipeline, model and KL warm-up as kvae.fit, then estimates -log P(X) of the final weights
 with k importance samples on the 500 mnist-5k validation digits (`nll`; the sweep chooses the
-defaults by it, so it is a validation number) and on 500 training digits (`train_nll`).
+defaults by it, so it is a validation number) and on 500 training digits (`train_nll`), and
+judges 1,000 samples with bench/digits.py's classifier (`samples`, as in bench/quality.py: from
+N(0, I) and from the sampling prior fitted to the training codes, `--prior-components`).
 
 Prints one JSON line and appends it to bench/results/quality_sweep.jsonl.
 """
@@ -26,9 +28,12 @@ from kvae import data as kdata
 from kvae.callbacks import KLWarmup
 from kvae.config import add_config_flags, config_from_args
 from kvae.evaluate import iwae_nll, summarize
+from kvae.fit import fit_prior
 from kvae.model import build_vae
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/digits.py, bench/quality.py
 RESULTS = Path(__file__).parent / "results"
+SAMPLE_KEYS = ("confident_share", "class_entropy_bits", "frechet", "frechet_floor")
 
 
 def shifted(batch, pixels: int):
@@ -50,6 +55,8 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="weight EMA momentum (0 = off)")
     parser.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay (0 = Adam)")
     parser.add_argument("--k", type=int, default=200, help="importance samples (default 200)")
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="samples judged by bench/digits.py's classifier (0 = none)")
     add_config_flags(parser)
     args = parser.parse_args()
     args.out = args.out or "runs/quality-sweep"
@@ -80,6 +87,14 @@ def main() -> None:
     line = {"name": args.name, "train_seconds": round(seconds, 1), "nll": round(held_out["nll"], 2),
             "nll_se": round(held_out["nll_se"], 2), "train_nll": round(train_nll["nll"], 2),
             "k": args.k, "argv": sys.argv[2:]}
+    if args.samples:
+        import digits
+        import quality
+
+        model, real, _ = digits.classifier("mnist-5k")
+        measures = quality.sample_measures(vae, fit_prior(vae, data, config), args.samples, (model, real))
+        line["samples"] = {prior: {key: round(q[key], 3) for key in SAMPLE_KEYS}
+                           for prior, q in measures.items()}
     print(json.dumps(line), flush=True)
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / "quality_sweep.jsonl", "a") as f:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from kvae.errors import KVAEError
 
-ARCHS = ("conv", "mlp")
+ARCHS = ("conv", "resnet", "mlp")
+CONV_ARCHS = ("conv", "resnet")  # the convolutional ones
 LIKELIHOODS = ("bernoulli", "gaussian")
 BINARIZE = ("auto", "dynamic", "static", "none")
 STRATEGIES = ("none", "mirrored", "multi-worker")
@@ -38,13 +39,17 @@ class Config:
     cache: str = "none"  # cache decoded streamed images (folders, big TFDS): none | memory | PATH prefix
     conditional: bool = False  # condition on the class label: Q(z|X,y), P(X|z,y) (Doersch section 4)
     # Model
-    arch: str = "conv"  # conv (Conv2D / Conv2DTranspose) or mlp
+    arch: str = "conv"  # conv (Conv2D / Conv2DTranspose), resnet (conv with a residual block at each scale) or mlp
     latent_dim: int = 32  # size of z
     hidden: int = 256  # width of the dense layer(s) next to z
     filters: int = 16  # conv: channels of the first conv layer (the second has twice as many)
     likelihood: str = "bernoulli"  # P(X|z): bernoulli on pixels or gaussian with fixed sigma
     sigma: float = 0.1  # standard deviation of the gaussian likelihood (ignored for bernoulli)
     beta: float | None = None  # weight of the KL term D[Q(z|X) || P(z)]; default 1 (the ELBO), 1.25 with --conditional (z then leaves the class to y)
+    dropout: float = 0.0  # Dropout rate after each hidden layer of the encoder and decoder (training only; 0 = none)
+    encoder_noise: float = 0.0  # std of Gaussian noise on the encoder's input in training (amortized inference regularization; 0 = none)
+    free_bits: float = 0.0  # nats per latent dimension the KL term leaves unpenalized (Kingma et al. 2016; 0 = the plain KL)
+    prior_components: int = 10  # Gaussian-mixture components of the sampling prior fitted to the training codes after training (prior.json; 0 = sample from N(0, I) only)
     kl_warmup: int | None = None  # epochs over which beta ramps linearly from beta/kl_warmup up to beta; default 80 (long ramps measured best), 0 with --conditional (a ramp lets z carry the class)
     # Optimisation
     epochs: int = 100  # passes over the training split
@@ -76,6 +81,10 @@ class Config:
             (self.lr > 0, "--lr must be > 0"),
             (self.sigma > 0, "--sigma must be > 0"),
             (self.beta is None or self.beta >= 0, "--beta must be >= 0"),
+            (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
+            (self.encoder_noise >= 0, "--encoder-noise must be >= 0"),
+            (self.free_bits >= 0, "--free-bits must be >= 0"),
+            (self.prior_components >= 0, "--prior-components must be >= 0"),
             (self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
             (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {', '.join(LIKELIHOODS)}"),
             (self.binarize in BINARIZE, f"--binarize must be one of {', '.join(BINARIZE)}"),

@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 
 from kvae import iwae, runs
-from kvae.contract import (CONDITION, HALVES, INPUT, OUTPUTS, QUANTIZED, filename, inputs, sha256,
-                           update_manifest)
+from kvae.contract import (CONDITION, HALVES, INPUT, OUTPUTS, PRIOR, QUANTIZED, filename, inputs,
+                           sha256, update_manifest)
 from kvae.errors import KVAEError, describe_os_error
 from kvae.files import atomic_path, remove_stale_temps
 
@@ -73,6 +73,7 @@ class Run:
         ("x_parity", "z_parity", ...): an image's own label, and for z ~ N(0, I) classes in
         turn; None for an unconditional model.
       class_names: the classes of a conditional model (index = class id).
+      prior: the run's fitted sampling prior (RUN/prior.json, kvae.prior), or None.
     """
 
     path: Path
@@ -95,6 +96,7 @@ class Run:
     select_source: str = "training images not used for calibration"
     conditions: dict | None = None
     class_names: tuple[str, ...] | None = None
+    prior: dict | None = None
     _nll_fp32: dict = dataclasses.field(default_factory=dict)
     _keras_decode: Callable | None = None
 
@@ -252,7 +254,19 @@ def load_run(run: str | Path) -> Run:
     return Run(run, config, encoder, decoder, x_parity, z_parity, x_nll, loc_nll, scale_nll,
                eps_nll, x_calibration, z_calibration, config.dataset, x_select, loc_select,
                scale_select, eps_select, select_source, conditions,
-               data.class_names if conditional else None)
+               data.class_names if conditional else None, read_prior(run, latent_dim))
+
+
+def read_prior(run: Path, latent_dim: int) -> dict | None:
+    """RUN/prior.json (checked), or None if the run has none."""
+    from kvae import prior
+
+    if not (run / PRIOR).exists():
+        return None
+    try:
+        return prior.read(run / PRIOR, latent_dim)
+    except ValueError as e:
+        raise KVAEError(f"{e}: train the run again, or delete it to export without a fitted prior") from None
 
 
 def keras_decode(decoder) -> Callable:
@@ -348,6 +362,9 @@ def manifest_header(run: Run) -> dict:
               "source": {name: sha256(run.path / name) for name in ("encoder.keras", "decoder.keras")}}
     if run.num_classes:
         header.update(conditional=True, classes=list(run.class_names))
+    if run.prior is not None:
+        header["prior"] = {"file": PRIOR, "sha256": sha256(run.path / PRIOR),
+                           "components": len(run.prior["weights"])}
     return header
 
 
@@ -417,6 +434,7 @@ def export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # files a killed export was writing
+        copy_prior(run, out)
         with tempfile.TemporaryDirectory(prefix="kvae-export-") as tmp:
             for half in HALVES:
                 for precision in precisions:
@@ -432,6 +450,17 @@ def export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
             with contextlib.suppress(OSError):
                 update_manifest(out, header, entries, removed=(name,))
     return update_manifest(out, header, entries)
+
+
+def copy_prior(run: Run, out: Path) -> None:
+    """The run's sampling prior next to the exported files (or none there if the run has none)."""
+    if run.prior is None:
+        (out / PRIOR).unlink(missing_ok=True)
+        return
+    data = (run.path / PRIOR).read_bytes()
+    if not (out / PRIOR).exists() or (out / PRIOR).read_bytes() != data:
+        with written_file(out / PRIOR, data):
+            pass
 
 
 def _summary(name: str, entry: dict, seconds: float) -> str:

@@ -309,6 +309,7 @@ def finish(vae, dataset, config: Config, state) -> dict:
 
     from kvae import data as kdata
     from kvae import plots
+    from kvae import prior as kprior
 
     out = Path(config.out)
     vae.load_weights(state.weights_path(state.best_epoch))
@@ -317,16 +318,27 @@ def finish(vae, dataset, config: Config, state) -> dict:
             with atomic_path(out / f"{name}.keras") as tmp:
                 keras.saving.save_model(model, tmp)
 
+    fitted = fit_prior(vae, dataset, config)
+    if fitted is None:
+        (out / kprior.FILE).unlink(missing_ok=True)
+    else:
+        kprior.write(out / kprior.FILE, fitted)
     x = kdata.to_unit(dataset.x_val[:32])
+    rng = np.random.default_rng(config.seed)
+
+    def draw(n):  # z from the sampling prior: the fitted one, else N(0, I)
+        eps = rng.standard_normal((n, vae.latent_dim), np.float32)
+        return eps if fitted is None else kprior.sample(fitted, eps, rng)
+
     if vae.num_classes:  # one row per class (up to 10 shown), 8 samples each
         shown = min(vae.num_classes, 10)
-        z = np.random.default_rng(config.seed).standard_normal((shown * 8, vae.latent_dim), np.float32)
+        z = draw(shown * 8)
         y = kdata.one_hot(np.repeat(np.arange(shown), 8), vae.num_classes)
         y_val = kdata.one_hot(dataset.labels("val")[:32], vae.num_classes)
         loc, _ = vae.encode(x, y_val)
         samples, recon = vae.decode(z, y), vae.decode(loc, y_val)
     else:
-        z = np.random.default_rng(config.seed).standard_normal((64, vae.latent_dim), np.float32)
+        z = draw(64)
         loc, _ = vae.encode(x)
         samples, recon = vae.decode(z), vae.decode(loc)
     plots.save_grid(np.asarray(samples), out / "samples.png", cols=8)
@@ -359,6 +371,39 @@ def finish(vae, dataset, config: Config, state) -> dict:
     print(f"kvae.fit: best val loss {state.best_val_loss:.2f} nats (epoch {state.best_epoch + 1}); "
           f"wrote {out}")
     return metrics
+
+
+PRIOR_IMAGES = 10_000  # training images whose codes the sampling prior is fitted to (at most)
+
+
+def training_codes(vae, dataset, config: Config):
+    """The posterior means loc of Q(z|X) of the first PRIOR_IMAGES training images, binarized
+    as held-out images are (in chunks of 500, each with its own seed): (n, latent_dim)."""
+    import numpy as np
+
+    from kvae import data as kdata
+
+    n = min(len(dataset.x_train), PRIOR_IMAGES)
+    codes = []
+    for i, start in enumerate(range(0, n, 500)):
+        x = kdata.binarize_fixed(dataset.x_train[start:min(n, start + 500)], config.resolved_binarize,
+                                 seed=kdata.EVAL_SEED + 100 + i)
+        y = (kdata.one_hot(dataset.labels("train")[start:start + len(x)], vae.num_classes)
+             if vae.num_classes else None)
+        codes.append(np.asarray(vae.encode(x, y)[0]))
+    return np.concatenate(codes)
+
+
+def fit_prior(vae, dataset, config: Config) -> dict | None:
+    """The sampling prior (kvae.prior) fitted to `training_codes`; None with --prior-components 0."""
+    from kvae import prior as kprior
+
+    if not config.prior_components:
+        return None
+    codes = training_codes(vae, dataset, config)
+    fitted = kprior.fit(codes, config.prior_components, seed=config.seed)
+    fitted["fitted_on"] = f"posterior means of {len(codes)} training images of {config.dataset}"
+    return fitted
 
 
 if __name__ == "__main__":

@@ -44,12 +44,18 @@ class Posterior(keras.layers.Layer):
       beta: weight of the KL term.
       seed: seeds eps. Each call draws eps from the stateless seed (seed, calls so far); the call
         counter is a weight saved with the model, so a resumed run continues the same eps stream.
+      free_bits: free bits (Kingma et al. 2016, "Improved Variational Inference with Inverse
+        Autoregressive Flow", eq. 15): the loss takes max(free_bits, KL_j) for each latent
+        dimension j, KL_j averaged over the batch, so a dimension's first `free_bits` nats cost
+        nothing and the encoder is not pushed to switch dimensions off early. 0 = the plain KL.
+        The `kl` metric is always the true D[Q(z|X) || P(z)].
     """
 
-    def __init__(self, beta: float = 1.0, seed: int | None = None, **kwargs):
+    def __init__(self, beta: float = 1.0, seed: int | None = None, free_bits: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.beta_value = float(beta)  # the configured weight (kept for get_config)
         self.seed = seed
+        self.free_bits = float(free_bits)
         self.calls = self.add_weight(name="calls", shape=(), dtype="int32", trainable=False,
                                      initializer="zeros", aggregation="only_first_replica")
         self.beta = self.add_weight(name="beta", shape=(), trainable=False,
@@ -63,7 +69,11 @@ class Posterior(keras.layers.Layer):
         scale = ops.cast(scale, "float32")
         q = tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
         kl = ops.mean(tfd.kl_divergence(q, prior(loc.shape[-1])))  # mean over the batch
-        self.add_loss(ops.cast(self.beta, "float32") * kl)
+        penalized = kl
+        if self.free_bits:  # per dimension: Q's marginals against N(0, 1), batch-averaged
+            kl_dims = ops.mean(tfd.kl_divergence(tfd.Normal(loc, scale), tfd.Normal(0.0, 1.0)), axis=0)
+            penalized = ops.sum(ops.maximum(kl_dims, self.free_bits))
+        self.add_loss(ops.cast(self.beta, "float32") * penalized)
         # For the model's kl_loss metric: metrics update in compute_loss, the one place where
         # every backend (JAX's stateless training step included) lets them change.
         self.kl = kl
@@ -79,7 +89,8 @@ class Posterior(keras.layers.Layer):
         return input_shape[0]
 
     def get_config(self):
-        return {**super().get_config(), "beta": self.beta_value, "seed": self.seed}
+        return {**super().get_config(), "beta": self.beta_value, "seed": self.seed,
+                "free_bits": self.free_bits}
 
 
 def _replica_id():

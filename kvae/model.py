@@ -23,7 +23,7 @@ import math
 import keras
 from keras import ops
 
-from kvae.config import Config
+from kvae.config import CONV_ARCHS, Config
 from kvae.layers import Posterior
 
 register = keras.saving.register_keras_serializable(package="kvae")
@@ -49,60 +49,93 @@ def reconstruction_nll(x, logits, likelihood: str = "bernoulli", sigma: float = 
 
 
 def build_encoder(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
-                  filters: int = 32, num_classes: int = 0) -> keras.Model:
-    """x (B, H, W, C) [, y (B, num_classes)] -> [loc, scale] (B, latent_dim); scale > 0."""
+                  filters: int = 32, num_classes: int = 0, dropout: float = 0.0,
+                  noise: float = 0.0) -> keras.Model:
+    """x (B, H, W, C) [, y (B, num_classes)] -> [loc, scale] (B, latent_dim); scale > 0.
+
+    Args:
+      dropout: rate of the Dropout after each hidden layer (training only; 0 = none).
+      noise: standard deviation of Gaussian noise added to x in training (the denoising form of
+        amortized inference regularization, Shu et al. 2018; 0 = none).
+    """
     x = keras.Input(image_shape, name="x")
-    if arch == "conv":
-        h = keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(x)
-        h = keras.layers.Conv2D(2 * filters, 3, strides=2, padding="same", activation="relu")(h)
+    drop = _dropout(dropout)
+    h = keras.layers.GaussianNoise(noise, seed=0)(x) if noise else x
+    if arch in CONV_ARCHS:
+        h = drop(keras.layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu")(h))
+        if arch == "resnet":
+            h = drop(_residual(h, filters))
+        h = drop(keras.layers.Conv2D(2 * filters, 3, strides=2, padding="same", activation="relu")(h))
+        if arch == "resnet":
+            h = drop(_residual(h, 2 * filters))
         h = keras.layers.Flatten()(h)
     else:
-        h = keras.layers.Flatten()(x)
+        h = keras.layers.Flatten()(h)
     inputs = [x]
     if num_classes:
         inputs.append(keras.Input((num_classes,), name="y"))
         h = keras.layers.Concatenate()([h, inputs[1]])
-    if arch != "conv":
-        h = keras.layers.Dense(2 * hidden, activation="relu")(h)
-    h = keras.layers.Dense(hidden, activation="relu")(h)
+    if arch not in CONV_ARCHS:
+        h = drop(keras.layers.Dense(2 * hidden, activation="relu")(h))
+    h = drop(keras.layers.Dense(hidden, activation="relu")(h))
     loc = keras.layers.Dense(latent_dim, name="loc", dtype="float32")(h)
     scale = keras.layers.Dense(latent_dim, activation="softplus", name="scale", dtype="float32")(h)
     return keras.Model(inputs if num_classes else x, [loc, scale], name="encoder")
 
 
 def build_decoder_net(image_shape, latent_dim: int, arch: str = "conv", hidden: int = 256,
-                      filters: int = 32, num_classes: int = 0) -> keras.Model:
+                      filters: int = 32, num_classes: int = 0, dropout: float = 0.0) -> keras.Model:
     """z (B, latent_dim) [, y (B, num_classes)] -> logits (B, H, W, C).
 
     A conditional decoder sees y at every layer but the last (with z, then next to each hidden
     layer: as K constant feature maps in the conv stages), so the class shapes every scale of the
     image and z is left the style (y only next to z let z carry the class: samples of other
-    classes in a class's row).
+    classes in a class's row). `dropout`: rate of the Dropout after each hidden layer (training
+    only; 0 = none).
     """
     height, width, channels = image_shape
     z = keras.Input((latent_dim,), name="z")
     y = keras.Input((num_classes,), name="y") if num_classes else None
+    drop = _dropout(dropout)
 
     def with_y(h):
         return h if y is None else _concat_condition(h, y)
 
-    h = keras.layers.Dense(hidden, activation="relu")(with_y(z))
-    if arch == "conv":
+    h = drop(keras.layers.Dense(hidden, activation="relu")(with_y(z)))
+    if arch in CONV_ARCHS:
         h4, w4 = math.ceil(height / 4), math.ceil(width / 4)
-        h = keras.layers.Dense(h4 * w4 * 2 * filters, activation="relu")(with_y(h))
+        h = drop(keras.layers.Dense(h4 * w4 * 2 * filters, activation="relu")(with_y(h)))
         h = keras.layers.Reshape((h4, w4, 2 * filters))(h)
-        h = keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same",
-                                         activation="relu")(with_y(h))
-        h = keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")(with_y(h))
+        if arch == "resnet":
+            h = drop(_residual(h, 2 * filters, with_y))
+        h = drop(keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same",
+                                              activation="relu")(with_y(h)))
+        if arch == "resnet":
+            h = drop(_residual(h, 2 * filters, with_y))
+        h = drop(keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same",
+                                              activation="relu")(with_y(h)))
         h = keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32")(h)
         if (4 * h4, 4 * w4) != (height, width):  # sizes not divisible by 4
             h = keras.layers.Cropping2D(((0, 4 * h4 - height), (0, 4 * w4 - width)))(h)
         logits = keras.layers.Identity(name="logits", dtype="float32")(h)
     else:
-        h = keras.layers.Dense(2 * hidden, activation="relu")(with_y(h))
+        h = drop(keras.layers.Dense(2 * hidden, activation="relu")(with_y(h)))
         h = keras.layers.Dense(height * width * channels, dtype="float32")(with_y(h))
         logits = keras.layers.Reshape(image_shape, name="logits", dtype="float32")(h)
     return keras.Model([z, y] if num_classes else z, logits, name="decoder_net")
+
+
+def _dropout(rate: float):
+    """h -> Dropout(rate)(h), or h itself when rate is 0 (the model then has no Dropout layer)."""
+    return (lambda h: keras.layers.Dropout(rate)(h)) if rate else (lambda h: h)
+
+
+def _residual(h, channels: int, before=lambda h: h):
+    """relu(h + conv(relu(conv(before(h))))): a residual block of two 3x3 convolutions (He et
+    al. 2016) that keeps h's shape; `before` lets a conditional decoder append y to its input."""
+    r = keras.layers.Conv2D(channels, 3, padding="same", activation="relu")(before(h))
+    r = keras.layers.Conv2D(channels, 3, padding="same")(r)
+    return keras.layers.Activation("relu")(keras.layers.Add()([h, r]))
 
 
 def _concat_condition(h, y):
@@ -125,10 +158,11 @@ class VAE(keras.Model):
       sigma: the Gaussian likelihood's standard deviation.
       beta: KL weight (the posterior layer's initial `beta`).
       seed: seeds the posterior's eps.
+      free_bits: nats per latent dimension the KL term does not penalize (the posterior's).
     """
 
     def __init__(self, encoder, decoder_net, likelihood: str = "bernoulli", sigma: float = 0.1,
-                 beta: float = 1.0, seed: int | None = None, **kwargs):
+                 beta: float = 1.0, seed: int | None = None, free_bits: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder_net = decoder_net
@@ -136,7 +170,8 @@ class VAE(keras.Model):
         self.sigma = float(sigma)
         self.beta = float(beta)
         self.seed = seed
-        self.posterior = Posterior(beta=beta, seed=seed, name="posterior")
+        self.free_bits = float(free_bits)
+        self.posterior = Posterior(beta=beta, seed=seed, free_bits=free_bits, name="posterior")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")  # unweighted D[Q(z|X) || P(z)]
 
@@ -212,6 +247,7 @@ class VAE(keras.Model):
             "sigma": self.sigma,
             "beta": self.beta,
             "seed": self.seed,
+            "free_bits": self.free_bits,
         }
 
     @classmethod
@@ -258,11 +294,12 @@ def build_vae(config: Config, image_shape, num_classes: int = 0) -> VAE:
         raise ValueError("a conditional VAE needs num_classes >= 1")
     num_classes = num_classes if config.conditional else 0
     encoder = build_encoder(image_shape, config.latent_dim, config.arch, config.hidden,
-                            config.filters, num_classes)
+                            config.filters, num_classes, dropout=config.dropout,
+                            noise=config.encoder_noise)
     decoder_net = build_decoder_net(image_shape, config.latent_dim, config.arch, config.hidden,
-                                    config.filters, num_classes)
+                                    config.filters, num_classes, dropout=config.dropout)
     vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.resolved_beta, config.seed,
-              name="vae")
+              free_bits=config.free_bits, name="vae")
     x = ops.zeros((1, *image_shape))
     vae((x, ops.zeros((1, num_classes))) if num_classes else x)
     return vae

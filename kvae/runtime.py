@@ -17,7 +17,9 @@ likelihood come from `manifest.json` beside the file (written by the export scri
 the ONNX file's metadata, else from the model's input and output shapes.
 
 Sampling draws eps ~ N(0, I) on the host with numpy's Generator and feeds it as z: a seed gives
-the same images in every process, no seed gives new ones. (Random ops inside the exported graph
+the same images in every process, no seed gives new ones. When the export has a fitted sampling
+prior (`prior.json`, named in the manifest; kvae.prior) z comes from it (`prior="fitted"`, the
+default then), else, or with `prior="standard"`, z = eps ~ N(0, I), the model's own prior. (Random ops inside the exported graph
 replay one sequence per onnxruntime session and cannot take a seed: docs/design.md, "Random ops".)
 
 Nothing here imports TensorFlow, and `import kvae.runtime` imports only numpy.
@@ -80,6 +82,8 @@ class _Half:
         self.latent_dim: int = self.info["latent_dim"]
         self.image_shape: tuple[int, int, int] = tuple(self.info["image_shape"])
         self.classes: tuple[str, ...] = tuple(self.info["classes"])  # () unless conditional
+        # the decoder's fitted sampling prior (kvae.prior) when the export has one
+        self.prior: dict | None = _fitted_prior(path, manifest, self.latent_dim) if self.half == "decoder" else None
 
     @property
     def format(self) -> str:
@@ -176,6 +180,25 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: Session, 
     return info
 
 
+def _fitted_prior(path: Path, manifest: dict, latent_dim: int) -> dict | None:
+    """The prior the manifest names (kvae.prior), its sha256 checked; None when it names none."""
+    from kvae import prior as kprior
+
+    entry = manifest.get("prior")
+    if not entry:
+        return None
+    file = Path(path).parent / str(entry.get("file", contract.PRIOR))
+    if not file.is_file():
+        raise RuntimeInputError(f"{file} is missing: {Path(path).parent / contract.MANIFEST} names it "
+                                "as the fitted prior; export the run again")
+    if contract.sha256(file) != entry.get("sha256"):
+        raise RuntimeInputError(f"{file} does not match the sha256 in its manifest: export the run again")
+    try:
+        return kprior.read(file, latent_dim)
+    except ValueError as e:
+        raise RuntimeInputError(str(e)) from None
+
+
 class Decoder(_Half):
     """z (B, latent_dim) -> x_mean (B, H, W, C) from an exported decoder file.
 
@@ -225,17 +248,38 @@ class Decoder(_Half):
         int8 grid)."""
         return iwae.p_range(self.info.get("precision", "fp32"), self.info.get("quantization"))
 
-    def sample(self, n: int, seed=None, label=None) -> np.ndarray:
-        """n images from the prior: z = eps ~ N(0, I) drawn by numpy, then decoded.
+    def sample(self, n: int, seed=None, label=None, prior: str | None = None) -> np.ndarray:
+        """n images: z from the sampling prior, drawn by numpy, then decoded.
 
         Args:
           n: number of images.
           seed: int or numpy Generator; the same seed gives the same images in any process.
           label: a conditional model's class: an id, a name, or one per image (`condition`).
+          prior: "fitted" (the export's prior.json: the default when there is one) or
+            "standard" (z = eps ~ N(0, I): the default otherwise).
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise RuntimeInputError(f"n must be a non-negative integer, got {n!r}")
-        return self.decode(draw_eps(seed, (int(n), self.latent_dim)), label)
+        return self.decode(self.draw_z(int(n), seed, prior), label)
+
+    def draw_z(self, n: int, seed=None, prior: str | None = None) -> np.ndarray:
+        """z (n, latent_dim) float32 from the sampling prior (see `sample`)."""
+        from kvae import prior as kprior
+
+        prior = self.sampling_prior if prior is None else prior
+        if prior not in kprior.PRIORS:
+            raise RuntimeInputError(f"prior must be one of {', '.join(kprior.PRIORS)}, got {prior!r}")
+        if prior == "fitted" and self.prior is None:
+            raise RuntimeInputError(f"{self.path} has no fitted prior (no prior.json in its manifest): "
+                                    "sample with prior='standard', or train with --prior-components")
+        rng = generator(seed)
+        eps = draw_eps(rng, (n, self.latent_dim))
+        return eps if prior == "standard" else kprior.sample(self.prior, eps, rng)
+
+    @property
+    def sampling_prior(self) -> str:
+        """What `sample` draws z from by default: "fitted" when the export has a prior, else "standard"."""
+        return "standard" if self.prior is None else "fitted"
 
 
 class Encoder(_Half):
@@ -326,9 +370,10 @@ class VAE:
         """See Decoder.decode."""
         return self.decoder.decode(z, label)
 
-    def sample(self, n: int, seed=None, label=None):
-        """See Decoder.sample: n images (of class `label` for a conditional model)."""
-        return self.decoder.sample(n, seed, label)
+    def sample(self, n: int, seed=None, label=None, prior: str | None = None):
+        """See Decoder.sample: n images (of class `label` for a conditional model), z from the
+        fitted prior when the export has one (or `prior="standard"`: N(0, I))."""
+        return self.decoder.sample(n, seed, label, prior)
 
     def reconstruct(self, x, label=None) -> np.ndarray:
         """Images -> decode(loc): the decoder's mean at the posterior's mean (no sampling)."""

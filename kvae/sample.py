@@ -1,8 +1,9 @@
 """python -m kvae.sample FILE_OR_RUN [--n 64] [--seed 0] [--out grid.png]
 
-Draws images from an exported decoder without TensorFlow: eps ~ N(0, I) from numpy's Generator
-(the same --seed gives the same images everywhere), decoded by onnxruntime (`.onnx`) or LiteRT
-(`.tflite`). FILE_OR_RUN is a decoder file, an export folder or a run folder (RUN/export/
+Draws images from an exported decoder without TensorFlow: z from the export's fitted sampling
+prior (prior.json, kvae.prior) when it has one, else (or with `--prior standard`) z ~ N(0, I),
+drawn with numpy's Generator (the same --seed gives the same images everywhere), decoded by
+onnxruntime (`.onnx`) or LiteRT (`.tflite`). FILE_OR_RUN is a decoder file, an export folder or a run folder (RUN/export/
 decoder.onnx, else decoder.tflite). `--out` ending in .png writes one grid image; .npy writes the
 (n, H, W, C) float32 array. A conditional model needs `--label`: a class id or name (--n images
 of it), or `all`: one row of --n images per class (`--n 8 --label all`: 8 of each).
@@ -55,6 +56,10 @@ def main(argv=None) -> None:
     parser.add_argument("--label", default=None,
                         help="conditional models: the class (id or name) to draw, or `all` for "
                              "one row of --n images per class")
+    parser.add_argument("--prior", choices=("fitted", "standard"), default=None,
+                        help="where z comes from: fitted (the Gaussian mixture fitted to the "
+                             "training codes, the default when the export has one) or standard "
+                             "(N(0, I), the model's own prior)")
     add_runtime_flags(parser)
     args = parser.parse_args(argv)
     with cli_errors("kvae.sample"):
@@ -82,7 +87,7 @@ def main(argv=None) -> None:
         else:
             label = cli_label(label, decoder.classes)
         start = time.perf_counter()
-        images = decoder.sample(n, seed=args.seed, label=label)
+        images = decoder.sample(n, seed=args.seed, label=label, prior=args.prior)
         seconds = time.perf_counter() - start
         if out.suffix.lower() == ".npy":
             from kvae.files import atomic_path
@@ -97,7 +102,8 @@ def main(argv=None) -> None:
         seed = "unseeded" if args.seed is None else f"seed {args.seed}"
         of = "" if args.label is None else f" of class {args.label}" if args.label != "all" else \
             f", {args.n} of each of {decoder.num_classes} classes"
-        print(f"kvae.sample: {n} images{of} from {decoder.path} ({decoder.format}, {seed}) in "
+        prior = args.prior or decoder.sampling_prior
+        print(f"kvae.sample: {n} images{of} from {decoder.path} ({decoder.format}, {seed}, {prior} prior) in "
               f"{seconds * 1000:.1f} ms; wrote {out}")
 
 

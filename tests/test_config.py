@@ -16,7 +16,12 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize("values, message", [
     ({"latent_dim": -2}, "--latent-dim must be a positive integer"),
     ({"latent_dim": 0}, "--latent-dim must be a positive integer"),
-    ({"arch": "resnet"}, "--arch must be one of"),
+    ({"arch": "densenet"}, "--arch must be one of"),
+    ({"dropout": 1.0}, "--dropout must be in"),
+    ({"dropout": -0.1}, "--dropout must be in"),
+    ({"encoder_noise": -1.0}, "--encoder-noise must be >= 0"),
+    ({"free_bits": -0.5}, "--free-bits must be >= 0"),
+    ({"prior_components": -1}, "--prior-components must be >= 0"),
     ({"likelihood": "poisson"}, "--likelihood must be one of"),
     ({"sigma": 0.0}, "--sigma must be > 0"),
     ({"likelihood": "bernoulli", "binarize": "none"}, "needs binary pixels"),

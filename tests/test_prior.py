@@ -1,0 +1,184 @@
+"""The fitted sampling prior (kvae.prior): fitted by kvae.fit, exported with the decoder, sampled
+by kvae.runtime, kvae.sample and (tests/test_demo.py) the demo; N(0, I) with prior="standard"."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kvae import contract
+from kvae import prior as kprior
+
+
+def mixture(rng, n=6000):
+    """Codes from a known 3-component mixture in 4 dimensions."""
+    weights = np.array([0.2, 0.3, 0.5])
+    loc = np.array([[-4.0, 0, 1, 2], [0, 4, -1, 0], [4, -2, 0, -3]])
+    scale = np.array([[0.5, 1, 0.3, 0.8], [1, 0.4, 0.6, 0.5], [0.7, 0.7, 1.2, 0.3]])
+    which = rng.choice(3, n, p=weights)
+    return loc[which] + scale[which] * rng.standard_normal((n, 4)), (weights, loc, scale)
+
+
+def test_fit_recovers_a_known_mixture():
+    codes, (weights, loc, scale) = mixture(np.random.default_rng(0))
+    fitted = kprior.fit(codes, 3, seed=1)
+    order = np.argsort(np.asarray(fitted["loc"])[:, 0])  # the true components sort by loc[:, 0]
+    np.testing.assert_allclose(np.asarray(fitted["weights"])[order], weights, atol=0.02)
+    np.testing.assert_allclose(np.asarray(fitted["loc"])[order], loc, atol=0.1)
+    np.testing.assert_allclose(np.asarray(fitted["scale"])[order], scale, rtol=0.1)
+    # EM's fixed point: the mixture's mean is the codes' mean
+    mean = np.asarray(fitted["weights"]) @ np.asarray(fitted["loc"])
+    np.testing.assert_allclose(mean, codes.mean(0), atol=1e-3)
+    assert kprior.log_density(fitted, codes).mean() > kprior.log_density(kprior.fit(codes, 1), codes).mean() + 1
+
+
+def test_sample_draws_components_by_weight():
+    rng = np.random.default_rng(0)
+    codes, (weights, loc, _) = mixture(rng)
+    fitted = kprior.fit(codes, 3, seed=1)
+    z = kprior.sample(fitted, rng.standard_normal((20000, 4)).astype(np.float32), rng)
+    assert z.dtype == np.float32 and z.shape == (20000, 4)
+    nearest = np.argmin(((z[:, None, :2] - loc[None, :, :2]) ** 2).sum(-1), axis=1)
+    np.testing.assert_allclose(np.bincount(nearest, minlength=3) / len(z), weights, atol=0.02)
+    np.testing.assert_allclose(z.mean(0), codes.mean(0), atol=0.1)
+
+
+@pytest.mark.parametrize("change", [
+    {"kind": "full"}, {"weights": [1.0, -1.0]}, {"scale": [[1.0] * 3, [0.0] * 3]},
+    {"loc": [[0.0] * 2, [0.0] * 2]}, {"weights": None}, {"loc": [[float("nan")] * 3] * 2},
+])
+def test_check_refuses_what_is_not_a_prior(change):
+    good = {"kind": kprior.KIND, "weights": [0.5, 0.5], "loc": [[0.0] * 3] * 2, "scale": [[1.0] * 3] * 2}
+    assert kprior.check(good, 3, "p.json") is good
+    with pytest.raises(ValueError, match="p.json is not a kvae prior over 3 latent dimensions"):
+        kprior.check({**good, **change}, 3, "p.json")
+
+
+def training_codes(run):
+    """kvae.fit.training_codes of a run folder's saved VAE."""
+    from kvae import data as kdata
+    from kvae.config import Config
+    from kvae.fit import training_codes as codes_of
+    from kvae.model import load_vae
+
+    config = Config.from_json(run / "config.json")
+    data = kdata.load(config.dataset, val_size=config.val_size)
+    return codes_of(load_vae(run / "vae.keras"), data, config), config
+
+
+def test_fit_writes_the_prior_of_the_training_codes(trained_run):
+    run = trained_run("conv")
+    fitted = kprior.read(run / contract.PRIOR, 8)
+    codes, config = training_codes(run)
+    assert len(fitted["weights"]) == config.prior_components == 10
+    assert str(len(codes)) in fitted["fitted_on"]
+    mean = np.asarray(fitted["weights"]) @ np.asarray(fitted["loc"])
+    np.testing.assert_allclose(mean, codes.mean(0), atol=1e-3)  # fitted to these codes
+    spread = np.asarray(fitted["weights"]) @ (np.square(fitted["scale"]) + np.square(fitted["loc"]))
+    np.testing.assert_allclose(spread - mean ** 2, codes.var(0), rtol=1e-2, atol=1e-4)
+
+
+def test_export_carries_the_prior_and_the_runtime_samples_from_it(exported_run):
+    from kvae.runtime import VAE, Decoder
+    from kvae.runtime_inputs import draw_eps
+
+    run = exported_run("conv")
+    export = run / "export"
+    assert (export / contract.PRIOR).read_bytes() == (run / contract.PRIOR).read_bytes()
+    manifest = contract.read_manifest(export)
+    assert manifest["prior"] == {"file": contract.PRIOR, "sha256": contract.sha256(export / contract.PRIOR),
+                                 "components": 10}
+    fitted = kprior.read(export / contract.PRIOR, 8)
+    for fmt in ("onnx", "tflite"):
+        decoder = Decoder(export / f"decoder.{fmt}")
+        assert decoder.prior == fitted and decoder.sampling_prior == "fitted"
+        rng = np.random.default_rng(3)
+        z = kprior.sample(fitted, rng.standard_normal((5, 8), dtype=np.float32), rng)
+        np.testing.assert_array_equal(decoder.sample(5, seed=3), decoder.decode(z))
+        np.testing.assert_array_equal(decoder.sample(5, seed=3, prior="standard"),
+                                      decoder.decode(draw_eps(3, (5, 8))))
+    vae = VAE.from_folder(run)
+    np.testing.assert_array_equal(vae.sample(4, seed=1), Decoder(export / "decoder.onnx").sample(4, seed=1))
+    assert not np.array_equal(vae.sample(4, seed=1), vae.sample(4, seed=1, prior="standard"))
+    with pytest.raises(Exception, match="prior must be one of fitted, standard"):
+        vae.sample(2, prior="gmm")
+
+
+def test_fitted_prior_draws_where_the_codes_are(exported_run):
+    """The point of the prior: its z lie where the training codes lie (higher density under a
+    mixture fitted to other training codes) more than N(0, I)'s do."""
+    from kvae.runtime import Decoder
+
+    run = exported_run("conv")
+    decoder = Decoder(run / "export" / "decoder.onnx")
+    codes, _ = training_codes(run)
+    judge = kprior.fit(codes[1::2], 10, seed=5)
+    fitted, standard = (decoder.draw_z(2000, seed=0, prior=p) for p in ("fitted", "standard"))
+    assert kprior.log_density(judge, fitted).mean() > kprior.log_density(judge, standard).mean() + 1
+
+
+def test_tampered_or_missing_prior_is_one_line(exported_run, tmp_path):
+    from kvae.runtime import Decoder, RuntimeInputError
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_run("conv") / "export", folder)
+    fitted = json.loads((folder / contract.PRIOR).read_text())
+    fitted["weights"][0] += 0.01
+    (folder / contract.PRIOR).write_text(json.dumps(fitted))
+    with pytest.raises(RuntimeInputError, match="does not match the sha256"):
+        Decoder(folder / "decoder.onnx")
+    (folder / contract.PRIOR).unlink()
+    with pytest.raises(RuntimeInputError, match="prior.json is missing"):
+        Decoder(folder / "decoder.onnx")
+
+
+def test_without_a_prior(trained_run, tmp_path):
+    """--prior-components 0: no prior.json, none exported, N(0, I) by default, "fitted" refused;
+    a re-export of a run whose prior was deleted removes the exported copy."""
+    from kvae import export_onnx
+    from kvae.runtime import Decoder, RuntimeInputError
+
+    run = trained_run("conv", prior_components=0, epochs=1)
+    assert not (run / contract.PRIOR).exists()
+    out = tmp_path / "export"
+    export_onnx.export_onnx(run, out, quantize=())
+    assert "prior" not in contract.read_manifest(out) and not (out / contract.PRIOR).exists()
+    decoder = Decoder(out / "decoder.onnx")
+    assert decoder.prior is None and decoder.sampling_prior == "standard"
+    with pytest.raises(RuntimeInputError, match="has no fitted prior"):
+        decoder.sample(2, prior="fitted")
+    # a stale copy from an export of a run that had one goes away on the next export
+    shutil.copy(trained_run("conv") / contract.PRIOR, out / contract.PRIOR)
+    export_onnx.export_onnx(run, out, quantize=())
+    assert not (out / contract.PRIOR).exists()
+
+
+def test_broken_prior_stops_the_export_in_one_line(trained_run, tmp_path):
+    from kvae import export
+    from kvae.errors import KVAEError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run("conv"), run, ignore=shutil.ignore_patterns("export"))
+    (run / contract.PRIOR).write_text('{"kind": "gaussian-mixture-diag", "weights": [1]}')
+    with pytest.raises(KVAEError, match="is not a kvae prior over 8 latent dimensions"):
+        export.load_run(run)
+
+
+def test_sample_cli_prior_flag(exported_run, tmp_path):
+    run = exported_run("conv")
+    outputs = {}
+    for prior in ("fitted", "standard", None):
+        out = tmp_path / f"{prior}.npy"
+        argv = [sys.executable, "-m", "kvae.sample", str(run), "--n", "3", "--seed", "0", "--out", str(out)]
+        result = subprocess.run(argv + (["--prior", prior] if prior else []), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert f"{prior or 'fitted'} prior" in result.stdout
+        outputs[prior] = np.load(out)
+    np.testing.assert_array_equal(outputs[None], outputs["fitted"])
+    assert not np.array_equal(outputs["fitted"], outputs["standard"])
