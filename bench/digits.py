@@ -272,6 +272,21 @@ def frechet_floor(model, held_out: np.ndarray, train: np.ndarray, n: int, seed: 
     return frechet_distance(embed(model, train[np.sort(pick)])[0], embed(model, held_out)[0])
 
 
+def nearest_distance(images: np.ndarray, reference: np.ndarray, batch: int = 250) -> np.ndarray:
+    """For each image, the pixel-space L2 distance to its nearest neighbour in `reference`: how
+    close a sample is to a training digit. Compared with the same distance of real held-out
+    digits it tells copies (much closer than real digits are) from new digits."""
+    a = np.asarray(images, np.float32).reshape(len(images), -1)
+    b = np.asarray(reference, np.float32).reshape(len(reference), -1)
+    b_sq = np.sum(b * b, axis=1)
+    out = []
+    for start in range(0, len(a), batch):
+        rows = a[start:start + batch]
+        d2 = np.sum(rows * rows, axis=1)[:, None] + b_sq[None, :] - 2 * rows @ b.T
+        out.append(np.sqrt(np.maximum(d2.min(axis=1), 0)))
+    return np.concatenate(out)
+
+
 def summarize_probs(probs: np.ndarray) -> dict:
     """The classifier-only measures of a set of images from its probabilities (N, 10).
 
@@ -302,7 +317,10 @@ def sample_quality(model, samples: np.ndarray, held_out: np.ndarray | None = Non
 
     Returns:
       {"n", "confident_share", "mean_max_prob", "class_entropy_bits", "class_histogram"
-      (counts of the most probable class, digits 0..9), ["frechet", "frechet_floor"]}.
+      (counts of the most probable class, digits 0..9), ["frechet", "frechet_floor"],
+      ["nearest_train": the median pixel distance of a sample to its nearest training digit,
+      "nearest_train_real": the same of the held-out digits (a copying generator scores far
+      below it)]}.
     """
     features, probs = embed(model, samples)
     result = summarize_probs(probs)
@@ -310,6 +328,10 @@ def sample_quality(model, samples: np.ndarray, held_out: np.ndarray | None = Non
         result["frechet"] = frechet_distance(features, embed(model, held_out)[0])
         if train is not None:
             result["frechet_floor"] = frechet_floor(model, held_out, train, len(samples), seed)
+    if train is not None:
+        result["nearest_train"] = float(np.median(nearest_distance(samples, train)))
+        if held_out is not None:
+            result["nearest_train_real"] = float(np.median(nearest_distance(held_out, train)))
     return result
 
 

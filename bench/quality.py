@@ -114,7 +114,7 @@ def previous_defaults(config: Config) -> Config:
     return dataclasses.replace(config, **PREVIOUS, out=config.out + "-previous")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--compare", action="store_true",
                         help="first train the previous defaults (PREVIOUS), side by side")
@@ -122,8 +122,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1000, help="importance samples for the final NLL")
     parser.add_argument("--samples", type=int, default=1000,
                         help="images judged by bench/digits.py's classifier (0 = none)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of quality.json and quality.png")
     add_config_flags(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.out = args.out or "runs/bench-quality"
     config = config_from_args(args)
     if config.conditional:  # its NLL is -log P(X|y); this benchmark scores unconditional models
@@ -150,9 +151,10 @@ def main() -> None:
     if args.compare:
         print(f"training time, current / previous defaults: {result['time_ratio']:.2f}x "
               "(measured side by side in this run)")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(results, RESULTS / "quality.png")
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(results, results_dir / "quality.png")
 
 
 def table(results: dict) -> str:

@@ -49,7 +49,7 @@ class Config:
     dropout: float = 0.0  # Dropout rate after each hidden layer of the encoder and decoder (training only; 0 = none)
     encoder_noise: float = 0.0  # std of Gaussian noise on the encoder's input in training (amortized inference regularization; 0 = none)
     free_bits: float = 0.0  # nats per latent dimension the KL term leaves unpenalized (Kingma et al. 2016; 0 = the plain KL)
-    prior_components: int = 10  # Gaussian-mixture components of the sampling prior fitted to the training codes after training (prior.json; 0 = sample from N(0, I) only)
+    prior_components: int = 100  # Gaussian-mixture components of the sampling prior fitted to the training codes after training (prior.json; 0 = sample from N(0, I) only)
     kl_warmup: int | None = None  # epochs over which beta ramps linearly from beta/kl_warmup up to beta; default 80 (long ramps measured best), 0 with --conditional (a ramp lets z carry the class)
     # Optimisation
     epochs: int = 100  # passes over the training split

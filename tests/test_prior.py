@@ -75,7 +75,7 @@ def test_fit_writes_the_prior_of_the_training_codes(trained_run):
     run = trained_run("conv")
     fitted = kprior.read(run / contract.PRIOR, 8)
     codes, config = training_codes(run)
-    assert len(fitted["weights"]) == config.prior_components == 10
+    assert len(fitted["weights"]) == config.prior_components == 100
     assert str(len(codes)) in fitted["fitted_on"]
     mean = np.asarray(fitted["weights"]) @ np.asarray(fitted["loc"])
     np.testing.assert_allclose(mean, codes.mean(0), atol=1e-3)  # fitted to these codes
@@ -92,7 +92,7 @@ def test_export_carries_the_prior_and_the_runtime_samples_from_it(exported_run):
     assert (export / contract.PRIOR).read_bytes() == (run / contract.PRIOR).read_bytes()
     manifest = contract.read_manifest(export)
     assert manifest["prior"] == {"file": contract.PRIOR, "sha256": contract.sha256(export / contract.PRIOR),
-                                 "components": 10}
+                                 "components": 100}
     fitted = kprior.read(export / contract.PRIOR, 8)
     for fmt in ("onnx", "tflite"):
         decoder = Decoder(export / f"decoder.{fmt}")
@@ -117,7 +117,7 @@ def test_fitted_prior_draws_where_the_codes_are(exported_run):
     run = exported_run("conv")
     decoder = Decoder(run / "export" / "decoder.onnx")
     codes, _ = training_codes(run)
-    judge = kprior.fit(codes[1::2], 10, seed=5)
+    judge = kprior.fit(codes[1::2], 10, seed=5)  # a coarser mixture of half the codes
     fitted, standard = (decoder.draw_z(2000, seed=0, prior=p) for p in ("fitted", "standard"))
     assert kprior.log_density(judge, fitted).mean() > kprior.log_density(judge, standard).mean() + 1
 
