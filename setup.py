@@ -2,8 +2,9 @@
 
     (cd mobile_demo && npm ci --ignore-scripts) && pip wheel --no-deps -w dist .
 
-The web app is edited in mobile_demo/; building a wheel copies it into kvae/web/ together with the
-three onnxruntime-web files app.js loads (not the 100+ MB of other variants in its dist/), so
+The web app is edited in mobile_demo/; building a wheel copies it (APP_FILES: the page, its
+service worker, web app manifest and icons) into kvae/web/ together with the three onnxruntime-web
+files app.js loads (not the 100+ MB of other variants in its dist/), so
 `python -m kvae.demo RUN` works from an installed wheel. An editable install copies nothing:
 kvae.demo then serves the checkout's mobile_demo/ and its node_modules/.
 """
@@ -17,12 +18,16 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 APP = ROOT / "mobile_demo"
-APP_FILES = ("index.html", "app.js", "style.css")
+# kvae.demo.APP_FILES and ORT_FILES, repeated here (a build imports no kvae module; tests/test_demo.py
+# checks they agree): the page, its service worker (sw.js), web app manifest and icons
+APP_FILES = ("index.html", "app.js", "style.css", "sw.js", "manifest.webmanifest",
+             "icons/icon-192.png", "icons/icon-512.png", "icons/icon-maskable-512.png",
+             "icons/apple-touch-icon.png")
 ORT_DIST = APP / "node_modules" / "onnxruntime-web" / "dist"
 # app.js imports ort.wasm.min.mjs (kvae.demo.ORT_ENTRY), which loads the threaded SIMD build's
 # glue module and its WebAssembly; tests/test_packaging.py checks this list against both files.
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
-WEB = Path("kvae") / "web"  # in the wheel: kvae/web/{index.html,...} and kvae/web/ort/{ORT_FILES}
+WEB = Path("kvae") / "web"  # in the wheel: kvae/web/{APP_FILES} and kvae/web/ort/{ORT_FILES}
 
 
 def web_files() -> list[tuple[Path, Path]]:

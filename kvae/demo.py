@@ -1,12 +1,21 @@
-"""python -m kvae.demo RUN [--port 8000] [--host 127.0.0.1] [--open]
+"""python -m kvae.demo RUN [--port 8000] [--host 127.0.0.1] [--open] | RUN --bundle DIR
 
 Serves the mobile demo: the static web app (onnxruntime-web runs the exported ONNX encoder and
 decoder inside the browser, no server-side inference), the run's `RUN/export/` folder and
 onnxruntime-web's WebAssembly files, all from this machine (no CDN).
 
-    /            index.html (and the app's other files: /app.js, /style.css)
+    /            index.html (and the app's other files: APP_FILES: /app.js, /sw.js, /icons/...)
     /export/...  RUN/export/ (manifest.json, encoder.onnx, decoder.onnx, ...)
     /ort/...     onnxruntime-web's files
+
+The app is installable and works offline (a web app manifest and a service worker, sw.js, that
+keeps the app, onnxruntime-web and the export in the browser). Every response carries COOP/COEP
+headers, so the page is cross-origin isolated (where it is a secure context) and can run
+onnxruntime-web on several threads (`?threads=N`).
+
+`--bundle DIR` writes the same site as static files into DIR instead (the app, onnxruntime-web's
+three files, and RUN/export/'s manifest with every file it names): any static web host serves it,
+kvae not needed.
 
 The app lives in the package (kvae/web/ and kvae/web/ort/: an installed wheel, see setup.py) or,
 in a checkout (an editable install), in mobile_demo/ with mobile_demo/node_modules/onnxruntime-web/
@@ -21,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import shutil
 import socket
 import sys
+import tempfile
 import threading
 import urllib.parse
 import webbrowser
@@ -33,7 +44,7 @@ from pathlib import Path
 
 from kvae import contract
 from kvae.cli import ArgumentParser, cli_errors
-from kvae.errors import KVAEError
+from kvae.errors import KVAEError, describe_os_error
 
 PACKAGED_APP = Path(__file__).resolve().parent / "web"  # in an installed wheel (setup.py puts it there)
 CHECKOUT_APP = Path(__file__).resolve().parent.parent / "mobile_demo"  # where the app is edited
@@ -42,6 +53,17 @@ ORT_DIST = Path("node_modules") / "onnxruntime-web" / "dist"  # inside a checkou
 PACKAGED_ORT = "ort"  # inside the packaged app folder: only the files app.js loads
 ORT_ENTRY = "ort.wasm.min.mjs"  # the module app.js imports (WebAssembly backend only)
 REQUIRED_EXPORTS = (contract.MANIFEST, *(contract.filename(h, "fp32", "onnx") for h in contract.HALVES))
+# The app's files, relative to its folder: what the server serves at / and --bundle copies; the
+# same lists as setup.py's (the wheel) and sw.js's APP_FILES / ORT_FILES (tests/test_demo.py checks).
+APP_FILES = ("index.html", "app.js", "style.css", "sw.js", "manifest.webmanifest",
+             "icons/icon-192.png", "icons/icon-512.png", "icons/icon-maskable-512.png",
+             "icons/apple-touch-icon.png")
+APP_FOLDERS = ("icons",)  # the app's sub-folders the server serves (one level, files only)
+ORT_FILES = (ORT_ENTRY, "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")  # what app.js loads
+# Cross-origin isolation (with a secure context): onnxruntime-web may then run on several threads.
+# Everything the page loads is same-origin, so nothing else changes.
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin",
+                     "Cross-Origin-Embedder-Policy": "require-corp"}
 
 # Explicit types: Python's `mimetypes` reads the OS tables, which may lack .wasm/.mjs/.onnx, and
 # browsers refuse to compile wasm streamed as anything but application/wasm.
@@ -53,8 +75,11 @@ MIME_TYPES = {
     ".json": "application/json",
     ".map": "application/json",
     ".wasm": "application/wasm",
+    ".webmanifest": "application/manifest+json",
     ".onnx": "application/octet-stream",
+    ".ort": "application/octet-stream",
     ".tflite": "application/octet-stream",
+    ".config": "text/plain; charset=utf-8",
     ".png": "image/png",
     ".svg": "image/svg+xml",
     ".ico": "image/x-icon",
@@ -103,6 +128,8 @@ class DemoHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(size))
             self.send_header("Cache-Control", "no-cache")  # a re-export shows up on reload
             self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in ISOLATION_HEADERS.items():
+                self.send_header(name, value)
             self.end_headers()
             if send_body:
                 try:
@@ -164,8 +191,10 @@ class DemoServer(ThreadingHTTPServer):
             return HTTPStatus.FORBIDDEN, None
         if parts[0] in ("export", "ort") and len(parts) > 1:
             root, rest = self.roots[parts[0]], parts[1:]
-        elif len(parts) == 1 and parts[0] not in ("export", "ort", "node_modules"):
-            root, rest = self.roots[""], parts  # the app's own top-level files only
+        elif len(parts) == 1 and parts[0] not in ("export", "ort", "node_modules", *APP_FOLDERS):
+            root, rest = self.roots[""], parts  # the app's own top-level files
+        elif len(parts) == 2 and parts[0] in APP_FOLDERS:
+            root, rest = self.roots[""], parts  # and those of its sub-folders (icons/)
         else:
             return HTTPStatus.NOT_FOUND, None
         path = root.joinpath(*rest).resolve()
@@ -190,6 +219,88 @@ def check_folders(run: Path, app_dir: Path = APP_DIR) -> Path:
     if not (ort_dir(app_dir) / ORT_ENTRY).is_file():
         raise KVAEError(f"onnxruntime-web is not installed: run (cd {app_dir} && npm ci)")
     return export_dir
+
+
+def bundle_files(run: str | Path, app_dir: Path = APP_DIR) -> dict[str, Path]:
+    """Everything `--bundle` writes: path inside the site -> the file it is copied from.
+
+    The app (APP_FILES), onnxruntime-web's files (ORT_FILES under ort/), and under export/ the
+    manifest and every file it names: its `files` entries and header entries that name a file
+    ({"file": NAME}: a fitted prior, the .ort files' operator config).
+
+    Raises:
+      KVAEError: a folder or a file the site needs is missing (one line saying what to run).
+    """
+    app_dir = Path(app_dir)
+    export_dir = check_folders(Path(run), app_dir)
+    try:
+        manifest = contract.read_manifest(export_dir)
+    except ValueError as e:
+        raise KVAEError(f"{e}: run python export/to_onnx.py {run}") from None
+    site = {name: app_dir / name for name in APP_FILES}
+    site.update({f"ort/{name}": ort_dir(app_dir) / name for name in ORT_FILES})
+    named = [contract.MANIFEST, *manifest.get("files", {}),
+             *(v["file"] for v in manifest.values() if isinstance(v, dict) and isinstance(v.get("file"), str))]
+    for name in named:
+        if Path(name).name != name or name.startswith("."):
+            raise KVAEError(f"{export_dir / contract.MANIFEST} names {name!r}, not a file of its folder")
+        site[f"export/{name}"] = export_dir / name
+    missing = [str(path) for path in site.values() if not path.is_file()]
+    if missing:
+        raise KVAEError(f"the site needs {', '.join(missing)}: export again (python export/to_onnx.py "
+                        f"{run}) or reinstall kvae")
+    return site
+
+
+def write_bundle(run: str | Path, out: str | Path, app_dir: Path = APP_DIR) -> dict[str, Path]:
+    """Writes the demo as a static site into `out` (`bundle_files`); returns what it wrote.
+
+    The site is assembled in a temporary folder next to `out` and renamed into place, so `out` is
+    either complete or as it was. `out` must be new, empty, or an earlier bundle (it is replaced).
+    Each export file is checked against the sha256 its manifest gives it, after copying.
+
+    Raises:
+      KVAEError: a file is missing, `out` holds something else, or a copy does not match.
+    """
+    site = bundle_files(run, app_dir)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KVAEError(f"--bundle {out} is a file: pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not all(
+            (out / p).is_file() for p in ("index.html", "sw.js", f"export/{contract.MANIFEST}")):
+        raise KVAEError(f"--bundle {out} holds other files (not an earlier bundle): pass a new or empty folder")
+    manifest = contract.read_manifest(Path(run) / "export")
+    digests = {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()}
+    digests.update({v["file"]: v.get("sha256") for v in manifest.values()
+                    if isinstance(v, dict) and isinstance(v.get("file"), str)})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise KVAEError(f"cannot write to {out.parent}: {describe_os_error(e)}") from None
+    try:
+        for rel, src in site.items():
+            dst = work / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            digest = digests.get(rel[len("export/"):]) if rel.startswith("export/") else None
+            if digest and contract.sha256(dst) != digest:
+                raise KVAEError(f"{src} does not match its manifest's sha256 (an export is running?): "
+                                "bundle again when it has finished")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        work.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise KVAEError(f"cannot write the site to {out}: {describe_os_error(e)}") from None
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return {rel: out / rel for rel in site}
 
 
 def lan_address() -> str | None:
@@ -230,12 +341,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="address to listen on (default 127.0.0.1: this machine only; "
                              "0.0.0.0: every network this machine is on)")
     parser.add_argument("--open", action="store_true", help="open the demo in a browser tab")
+    parser.add_argument("--bundle", metavar="DIR",
+                        help="write the demo as a static site into DIR (app, onnxruntime-web, "
+                             "RUN/export/'s manifest and the files it names) instead of serving "
+                             "it: any static web host serves DIR, kvae not needed")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     with cli_errors("kvae.demo"):
         args = parse_args(argv)
+        if args.bundle:
+            written = write_bundle(args.run, args.bundle, APP_DIR)
+            size = sum(path.stat().st_size for path in written.values())
+            print(f"kvae.demo: wrote the demo's static site to {args.bundle} ({len(written)} files, "
+                  f"{size / 1e6:.1f} MB); serve it with any static web server, e.g. python -m "
+                  f"http.server -d {args.bundle} (offline use needs https or localhost)", flush=True)
+            return
         server = make_server(args.run, args.host, args.port)
         port = server.server_address[1]
         local = "127.0.0.1" if args.host in ("0.0.0.0", "", "::") else args.host

@@ -3,10 +3,18 @@
 // ./ort/ onnxruntime-web's dist/ folder. Nothing is computed on the server and nothing comes from a CDN.
 //
 // A conditional model (manifest "conditional": true) also takes y, the one-hot class label: the
-// class picker sets the label every decode and encode of the page uses.
+// class picker sets the label every decode and encode of the page uses. A manifest that names a
+// fitted sampling prior ("prior": {"file": "prior.json", ...}) makes Sample draw z from that
+// Gaussian mixture instead of N(0, I).
 //
-// Test hook: window.kvae = {ready, manifest, classes, label, decode(z, label), encode(x, label),
-// sampleZ(seed, count), settled(), state}.
+// Offline: sw.js (a service worker) keeps the app, onnxruntime-web and the export files the page
+// can run (every file the manifest names but .tflite / .ort) in the browser's cache; the page
+// asks for model files by content (export/NAME?sha256=HEX), so a new export is a new URL.
+// ?threads=N runs onnxruntime-web on N threads where the page is cross-origin isolated.
+//
+// Test hook: window.kvae = {ready, offline, manifest, classes, label, prior, threads,
+// decode(z, label), encode(x, label), sampleZ(seed, count), samplePrior(seed, n), open(file), ort,
+// settled(), state}.
 
 const EXPORT = "./export/";
 const ORT = "./ort/";
@@ -48,6 +56,55 @@ function sampleNormal(seed, count) {
     if (i + 1 < count) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
   }
   return out;
+}
+
+// ---------------------------------------------------------------- the sampling prior
+// N(0, I), or the fitted Gaussian mixture the manifest names (kvae.prior: "prior": {"file", "sha256",
+// "components"}; the file holds weights [K], loc and scale [K][latent_dim]).
+const prior = { kind: "standard", components: 0, cumulative: null, loc: null, scale: null };
+const COMPONENT_STREAM = 0x9e3779b9; // the seed of the component picks is seed ^ this (eps keeps seed's own stream)
+
+/** n latents from `seed`: eps = sampleNormal(seed, n * latent_dim) and z = eps under N(0, I); under
+ * the fitted mixture z = loc[k] + scale[k] * eps, k = the component picked with probability
+ * weights[k] by a uniform of mulberry32(seed ^ COMPONENT_STREAM), one per latent.
+ * Returns {z, eps, components} (components: null under N(0, I)). */
+function samplePrior(seed, n) {
+  const L = model.latentDim;
+  const eps = sampleNormal(seed, n * L);
+  if (prior.kind === "standard") return { z: eps, eps, components: null };
+  const uniform = mulberry32((seed ^ COMPONENT_STREAM) >>> 0);
+  const z = new Float32Array(n * L);
+  const components = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    const u = uniform();
+    let k = prior.cumulative.findIndex((c) => u < c);
+    if (k < 0) k = prior.components - 1; // u within rounding of 1
+    components[i] = k;
+    for (let d = 0; d < L; d++) z[i * L + d] = prior.loc[k * L + d] + prior.scale[k * L + d] * eps[i * L + d];
+  }
+  return { z, eps, components };
+}
+
+/** Reads and checks the fitted prior the manifest names; the page keeps N(0, I) without one. */
+async function loadPrior(manifest) {
+  const entry = manifest.prior;
+  if (!entry) return;
+  if (typeof entry.file !== "string") throw new Error(`manifest.json's "prior" names no file: export the run again`);
+  const data = await (await fetchOk(exportUrl(entry.file))).json();
+  const L = model.latentDim;
+  const K = Array.isArray(data.weights) ? data.weights.length : 0;
+  const rows = (key) => Array.isArray(data[key]) && data[key].length === K && data[key].every((r) => Array.isArray(r) && r.length === L && r.every(Number.isFinite));
+  if (!K || !data.weights.every((w) => Number.isFinite(w) && w >= 0) || !rows("loc") || !rows("scale") || !data.scale.flat().every((v) => v > 0)) {
+    throw new Error(`${entry.file} is not a prior for latent_dim ${L}: it needs weights [K] >= 0, loc and scale [K][${L}], scale > 0`);
+  }
+  const total = data.weights.reduce((a, b) => a + b, 0);
+  if (!(total > 0)) throw new Error(`${entry.file}: the weights add up to ${total}`);
+  let running = 0;
+  prior.cumulative = data.weights.map((w) => (running += w / total));
+  prior.loc = Float32Array.from(data.loc.flat());
+  prior.scale = Float32Array.from(data.scale.flat());
+  prior.components = K;
+  prior.kind = "mixture";
 }
 
 // ---------------------------------------------------------------- model
@@ -171,6 +228,26 @@ async function fetchOk(url) {
   return response;
 }
 
+/** Where the page reads an export file: by content (./export/NAME?sha256=HEX) when the manifest
+ * gives its sha256, so a new export is a new URL for the browser's caches (sw.js). */
+function exportUrl(name) {
+  const m = model.manifest || {};
+  const named = Object.values(m).find((v) => v && typeof v === "object" && v.file === name);
+  const sha = m.files?.[name]?.sha256 || named?.sha256;
+  return sha ? `${EXPORT}${name}?sha256=${sha}` : EXPORT + name;
+}
+
+/** The export files kept for offline use: every file the manifest names (its model files and
+ * header entries such as "prior": {"file": ...}), but .tflite and .ort, which browsers cannot run. */
+function offlineFiles(manifest) {
+  const files = manifest.files || {};
+  const names = Object.keys(files).filter((f) => !["tflite", "ort"].includes(files[f].format));
+  for (const value of Object.values(manifest)) {
+    if (value && typeof value === "object" && typeof value.file === "string") names.push(value.file);
+  }
+  return [...new Set(names)];
+}
+
 /** The condition input of `file` on a conditional model: the input the manifest lists next to the
  * data input (x or z), "y" if the manifest lists none; null for an unconditional model. */
 function conditionName(file, inputName) {
@@ -180,7 +257,7 @@ function conditionName(file, inputName) {
 }
 
 async function loadSession(file, inputName, outputNames) {
-  const bytes = new Uint8Array(await (await fetchOk(EXPORT + file)).arrayBuffer());
+  const bytes = new Uint8Array(await (await fetchOk(exportUrl(file))).arrayBuffer());
   const session = await ort.InferenceSession.create(bytes, {
     executionProviders: ["wasm"],
     graphOptimizationLevel: "all",
@@ -235,7 +312,7 @@ const paintOne = (canvas, x) => paintGrid(canvas, x, 1, 1);
 // ---------------------------------------------------------------- the page's state
 // `label`: the class id each view was decoded (and the drawing encoded) with; null when unconditional.
 const state = {
-  sample: null, // {seed, n, z, x, label}
+  sample: null, // {seed, n, z, x, label, components (the prior's picks; null under N(0, I))}
   explore: { z: null, x: null, label: null, version: 0 },
   draw: { x: null, loc: null, scale: null, recon: null, label: null, version: 0 },
   slots: { a: null, b: null },
@@ -245,11 +322,11 @@ const state = {
 // ---------------------------------------------------------------- Sample
 async function renderSample(seed) {
   const n = GRID * GRID;
-  const z = sampleNormal(seed, n * model.latentDim);
+  const { z, components } = samplePrior(seed, n);
   const label = model.label;
   const x = await decode(z, label);
   paintGrid($("grid"), x, n, GRID);
-  state.sample = { seed, n, z, x, label };
+  state.sample = { seed, n, z, x, label, components };
   $("seed").value = String(seed);
 }
 
@@ -546,7 +623,8 @@ function describe() {
   const m = model.manifest;
   const [H, W, C] = model.shape;
   const classes = model.classes.length ? `, conditional on ${model.classes.length} classes` : "";
-  status(`Ready: ${model.decoderFile} + encoder.onnx, latent_dim ${model.latentDim}, image ${H}×${W}×${C}, ${m.likelihood || "?"} likelihood${classes}; running on this device (WebAssembly).`);
+  const threads = ort.env.wasm.numThreads === 1 ? "1 thread" : `${ort.env.wasm.numThreads} threads`;
+  status(`Ready: ${model.decoderFile} + encoder.onnx, latent_dim ${model.latentDim}, image ${H}×${W}×${C}, ${m.likelihood || "?"} likelihood${classes}; running on this device (WebAssembly, ${threads}).`);
   $("about").textContent = `Model files from ./export/ (kvae ${m.kvae_version || "?"}). onnxruntime-web ${ort.env.versions?.web || ""}.`;
 }
 
@@ -557,7 +635,10 @@ async function init() {
     throw new Error(`cannot load onnxruntime-web from ${ORT} (run npm ci in mobile_demo/): ${e.message}`);
   }
   ort.env.wasm.wasmPaths = new URL(ORT, location.href).href; // local files, never a CDN
-  ort.env.wasm.numThreads = 1; // threads need cross-origin isolation; one is plenty for this model
+  // One thread unless ?threads=N asks for more: threads need a cross-origin isolated page (the
+  // kvae server sends COOP/COEP; a plain static host does not), and one is plenty for this model.
+  const asked = Number.parseInt(new URLSearchParams(location.search).get("threads") || "1", 10);
+  ort.env.wasm.numThreads = self.crossOriginIsolated && asked > 1 ? Math.min(asked, 16) : 1;
   ort.env.logLevel = "error";
 
   const manifest = await (await fetchOk(`${EXPORT}manifest.json`)).json();
@@ -574,6 +655,8 @@ async function init() {
     model.classes = manifest.classes.map(String);
     model.label = 0;
   }
+  await loadPrior(manifest);
+  $("sample-hint").textContent = sampleHint();
 
   // Decoder files the manifest lists (float32 first, then quantized variants).
   const files = manifest.files || {};
@@ -608,7 +691,7 @@ async function init() {
   $("grid").addEventListener("click", pickSample);
   $("class").addEventListener("change", (event) => setClass(Number(event.target.value)).catch(fail));
   $("explore-zero").addEventListener("click", () => setExplore(new Float32Array(L)));
-  $("explore-random").addEventListener("click", () => setExplore(sampleNormal((Math.random() * 2 ** 32) >>> 0, L)));
+  $("explore-random").addEventListener("click", () => setExplore(samplePrior((Math.random() * 2 ** 32) >>> 0, 1).z));
   $("a-from-draw").addEventListener("click", () => setSlot("a", state.draw.loc).catch(fail));
   $("b-from-draw").addEventListener("click", () => setSlot("b", state.draw.loc).catch(fail));
   $("a-from-explore").addEventListener("click", () => setSlot("a", exploreZ()).catch(fail));
@@ -652,10 +735,50 @@ function setupClasses() {
   // The picker can wrap the sticky nav onto a second line: keep the sections' tops clear of it.
   const nav = document.querySelector("nav");
   new ResizeObserver(() => document.documentElement.style.setProperty("--nav-height", `${nav.offsetHeight + 8}px`)).observe(nav);
-  $("sample-hint").textContent = "z ~ N(0, I), drawn here from a seeded generator, decoded in one call as the class picked at the top. Tap a digit to explore it.";
+  $("sample-hint").textContent = sampleHint(" as the class picked at the top");
   $("explore-hint").textContent += " Decoded as the picked class.";
   $("draw-hint").textContent = "Draw a digit with a finger or the mouse. It is scaled to the model's input, encoded to Q(z|X, y) (loc, scale) with y the picked class, and decoded from loc with the same class.";
   $("posterior").querySelector("caption").textContent = "Q(z|X, y) = N(loc, scale²): dimension, loc, scale";
+}
+
+/** The Sample card's hint: where z comes from. */
+function sampleHint(asClass = "") {
+  const from = prior.kind === "standard" ? "z ~ N(0, I)"
+    : `z from the fitted prior (a ${prior.components}-component Gaussian mixture over the training codes)`;
+  return `${from}, drawn here from a seeded generator, decoded in one call${asClass}. Tap a digit to explore it.`;
+}
+
+/** A session on any encoder or decoder file the manifest lists (bench/browser_latency.py). */
+function openFile(file) {
+  const half = model.manifest.files?.[file]?.half;
+  if (half === "encoder") return loadSession(file, model.names.x, [model.names.loc, model.names.scale]);
+  if (half === "decoder") return loadSession(file, model.names.z, [model.names.xMean]);
+  return Promise.reject(new Error(`${file} is no encoder or decoder that manifest.json lists`));
+}
+
+// ---------------------------------------------------------------- offline (sw.js)
+/** Registers sw.js and has it keep this manifest's files; resolves with what it did, or with
+ * {supported: false, reason} where the browser cannot (no service workers, or plain http on a
+ * LAN address: not a secure context). Shown in the footer. */
+async function keepOffline(manifest) {
+  const show = (text) => { $("offline").textContent = text; };
+  if (!("serviceWorker" in navigator) || !self.isSecureContext) {
+    const reason = self.isSecureContext ? "this browser has no service workers"
+      : "not a secure context (plain http on a network address): open it over https, or on localhost";
+    show(`Offline use: off (${reason}).`);
+    return { supported: false, reason };
+  }
+  await navigator.serviceWorker.register("sw.js");
+  const registration = await navigator.serviceWorker.ready;
+  const urls = [`${EXPORT}manifest.json`, ...offlineFiles(manifest).map(exportUrl)];
+  const reply = await new Promise((resolve, reject) => {
+    const channel = new MessageChannel();
+    channel.port1.onmessage = (event) => (event.data.error ? reject(new Error(event.data.error)) : resolve(event.data));
+    registration.active.postMessage({ type: "cache-export", urls }, [channel.port2]);
+  });
+  show(`Available offline: the app, onnxruntime-web, the manifest and ${reply.cached.length - 1} export files are kept on this device` +
+    (reply.fetched.length || reply.removed.length ? ` (${reply.fetched.length} fetched now, ${reply.removed.length} of an older export removed).` : "."));
+  return { supported: true, ...reply };
 }
 
 /** Resolves once no live view has a decode or encode in flight or waiting. */
@@ -669,9 +792,15 @@ async function settled() {
 
 const ready = init();
 ready.catch(fail);
+const offline = ready.then(() => keepOffline(model.manifest)).catch((e) => {
+  console.warn("kvae: offline copy failed:", e); // the demo itself still runs
+  $("offline").textContent = `Offline use: failed (${e.message || e}).`;
+  return { supported: true, error: String(e.message || e) };
+});
 
 window.kvae = {
   ready,
+  offline,
   get manifest() {
     return model.manifest;
   },
@@ -681,9 +810,20 @@ window.kvae = {
   get label() {
     return model.label;
   },
+  get prior() {
+    return { kind: prior.kind, components: prior.components };
+  },
+  get threads() {
+    return ort?.env.wasm.numThreads;
+  },
+  get ort() {
+    return ort;
+  },
   decode,
   encode,
   sampleZ: sampleNormal,
+  samplePrior,
+  open: openFile,
   settled,
   state,
 };

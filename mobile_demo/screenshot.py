@@ -1,7 +1,8 @@
-"""python mobile_demo/screenshot.py RUN [--out mobile_demo/docs/demo_phone.png] [--seed 7]
+"""python mobile_demo/screenshot.py [RUN] [--out mobile_demo/docs/demo_phone.png] [--seed 7]
 
-Regenerates the picture in mobile_demo/README.md from a run folder with an ONNX export
-(python export/to_onnx.py RUN): serves RUN with `python -m kvae.demo`'s server on a free port,
+Regenerates the demo's picture in README.md and mobile_demo/README.md from a run folder with an
+ONNX export (python export/to_onnx.py RUN; RUN defaults to runs/quickstart, the quickstart's
+run, which the picture shows): serves RUN with `python -m kvae.demo`'s server on a free port,
 opens the page in Debian's Chromium (/usr/bin/chromium) through playwright on a 390x844 phone
 viewport with touch emulation (the setup tests/test_demo.py drives), draws a "3" with real touch
 events, taps a sample into Explore, sets the Interpolate ends from both and writes a full-page PNG.
@@ -35,17 +36,34 @@ CHROMIUM_FLAGS = [  # docs/design.md, "Headless Chromium": quiet, offline, no GP
 ]
 PHONE = dict(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
              has_touch=True)
+QUICKSTART = ROOT / "runs" / "quickstart"  # the README's quickstart run: what the picture shows
 THREE = [(0.3, 0.2), (0.68, 0.2), (0.45, 0.48), (0.7, 0.62), (0.6, 0.84), (0.3, 0.8)]  # a "3"
 
 
 @contextlib.contextmanager
 def demo_page(run: str | Path, profile: str | Path, timeout_ms: int = 60_000):
-    """The demo for `run`, served on a free port, open and ready in a phone-sized headless Chromium.
+    """The demo for `run`, served by kvae.demo's server on a free port, open and ready in a
+    phone-sized headless Chromium (`phone_page`); yields what phone_page yields."""
+    server = make_server(run, port=0, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with phone_page(f"http://127.0.0.1:{server.server_address[1]}/", profile, timeout_ms) as opened:
+            yield opened
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def phone_page(url: str, profile: str | Path, timeout_ms: int = 60_000, playwright=None):
+    """The demo at `url`, open and ready in a phone-sized headless Chromium.
 
     Args:
-      run: run folder with export/ (encoder.onnx, decoder.onnx, manifest.json).
+      url: where the demo is served (kvae.demo's server, or any static server of its --bundle).
       profile: an empty folder for Chromium's profile (a fresh --user-data-dir).
       timeout_ms: playwright's default timeout for every wait (a safety net, not a speed goal).
+      playwright: a started sync playwright to launch Chromium with (one thread runs one at a
+        time); None starts one for this page.
 
     Yields:
       (page, problems, cdp): the playwright page; a list that collects console errors, uncaught
@@ -53,30 +71,29 @@ def demo_page(run: str | Path, profile: str | Path, timeout_ms: int = 60_000):
     """
     from playwright.sync_api import sync_playwright
 
-    server = make_server(run, port=0, quiet=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/"
     problems: list[str] = []
-    try:
-        with sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(
-                str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True, **PHONE)
-            try:
-                page = context.pages[0] if context.pages else context.new_page()
-                page.set_default_timeout(timeout_ms)
-                page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
-                page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-                page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-                page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
-                page.goto(url)
-                page.wait_for_function("window.kvae !== undefined")
-                page.evaluate("window.kvae.ready")
-                yield page, problems, context.new_cdp_session(page)
-            finally:
-                context.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with contextlib.ExitStack() as stack:
+        p = playwright or stack.enter_context(sync_playwright())
+        context = p.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True, **PHONE)
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.set_default_timeout(timeout_ms)
+            watch(page, problems)
+            page.goto(url)
+            page.wait_for_function("window.kvae !== undefined")
+            page.evaluate("window.kvae.ready")
+            yield page, problems, context.new_cdp_session(page)
+        finally:
+            context.close()
+
+
+def watch(page, problems: list[str]) -> None:
+    """Collects the page's console errors, uncaught exceptions, failed requests and HTTP errors."""
+    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
 
 
 def touch_stroke(cdp, points) -> None:
@@ -132,6 +149,7 @@ def screenshot(run: str | Path, out: str | Path, seed: int = 7) -> bytes:
     with tempfile.TemporaryDirectory(prefix="kvae-chromium-") as profile:
         with demo_page(run, profile) as (page, problems, cdp):
             stage(page, cdp, seed)
+            page.evaluate("window.kvae.offline")  # the footer says what the browser keeps offline
             status = page.text_content("#status")
             if problems or not status.startswith("Ready"):
                 raise KVAEError(f"the demo did not run cleanly ({'; '.join(problems) or status}); "
@@ -156,7 +174,9 @@ def _palette(png: bytes) -> bytes:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python mobile_demo/screenshot.py",
                             description="Write the mobile demo's screenshot for RUN (headless Chromium, phone viewport).")
-    parser.add_argument("run", metavar="RUN", help="run folder with export/ (python export/to_onnx.py RUN)")
+    parser.add_argument("run", metavar="RUN", nargs="?", default=str(QUICKSTART),
+                        help="run folder with export/ (python export/to_onnx.py RUN; default "
+                             "runs/quickstart: the README's picture)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "docs" / "demo_phone.png"),
                         help="PNG to write (default mobile_demo/docs/demo_phone.png)")
     parser.add_argument("--seed", type=int, default=7, help="seed of the sample grid (default 7)")

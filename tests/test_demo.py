@@ -3,18 +3,27 @@
 The browser tests drive Debian's Chromium (/usr/bin/chromium) with playwright on a phone viewport
 with touch emulation, against the `trained_run("conv")` run exported by export/to_onnx.py, and
 compare what the page computes with onnxruntime-python on the same inputs; a small conditional
-run (`trained_run("mlp", conditional=True)`) checks the class picker the same way. Nothing is
-installed or downloaded here: .ci/run installs chromium (apt) and runs `npm ci` in mobile_demo/.
-Without them the browser tests skip locally and FAIL on CI (CI=true).
+run (`trained_run("mlp", conditional=True)`) checks the class picker the same way. Every browser
+test runs twice (SERVERS): against `python -m kvae.demo RUN`'s server, and against a plain static
+server (Python's http.server, nothing of kvae) of the site `python -m kvae.demo RUN --bundle DIR`
+writes, from a sub-folder of the host. The offline tests go offline (the browser, and the server
+is shut down too: playwright's offline mode does not reach a service worker's own requests),
+reload, and sample and encode again. Nothing is installed or downloaded here: .ci/run installs
+chromium (apt) and runs `npm ci` in mobile_demo/. Without them the browser tests skip locally and
+FAIL on CI (CI=true).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
+import http.server
 import importlib.util
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvae.demo import APP_DIR, ORT_DIST, ORT_ENTRY, main, make_server, ort_dir, parse_args
+from kvae import contract, demo
+from kvae.demo import (APP_DIR, APP_FILES, ORT_DIST, ORT_ENTRY, ORT_FILES, main, make_server, ort_dir,
+                       parse_args, write_bundle)
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -50,10 +61,14 @@ def served(tmp_path):
     export.mkdir(parents=True)
     (tmp_path / "site" / "secret.txt").write_text("SECRET-OUTSIDE")
     (tmp_path / "secret.txt").write_text("SECRET-OUTSIDE")
+    (app / "icons").mkdir()
     files = {
         app / "index.html": b"<!doctype html><title>demo</title>",
         app / "app.js": b"export const x = 1;",
         app / "style.css": b"body {}",
+        app / "sw.js": b"self.addEventListener('fetch', () => {});",
+        app / "manifest.webmanifest": b'{"name": "kvae"}',
+        **{app / name: b"\x89PNG " + name.encode() for name in APP_FILES if name.startswith("icons/")},
         app / "package.json": b"{}",
         dist / ORT_ENTRY: b"export {};",
         dist / "ort-wasm-simd-threaded.mjs": b"export {};",
@@ -103,6 +118,9 @@ def test_server_listens_on_localhost_by_default(served):
     ("/index.html", "text/html"),
     ("/app.js", "text/javascript"),
     ("/style.css", "text/css"),
+    ("/sw.js", "text/javascript"),
+    ("/manifest.webmanifest", "application/manifest+json"),
+    ("/icons/icon-192.png", "image/png"),
     (f"/ort/{ORT_ENTRY}", "text/javascript"),
     ("/ort/ort-wasm-simd-threaded.mjs", "text/javascript"),
     ("/ort/ort-wasm-simd-threaded.wasm", "application/wasm"),
@@ -120,6 +138,8 @@ def test_server_serves_files_with_their_mime_type(served, path, mime):
     expected = next(data for p, data in folders["files"].items() if p.name == name)
     assert body == expected
     assert int(response.getheader("Content-Length")) == len(expected)
+    for name, value in demo.ISOLATION_HEADERS.items():  # cross-origin isolated: threads possible
+        assert response.getheader(name) == value, name
     head, head_body = get(path, method="HEAD")
     assert head.status == 200 and head_body == b""
     assert int(head.getheader("Content-Length")) == len(expected)
@@ -147,6 +167,9 @@ def test_server_serves_files_with_their_mime_type(served, path, mime):
     "/index.html%00.png",
     "/%ff%fe",
     "/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs",  # the app's own node_modules
+    "/icons/../../secret.txt",
+    "/icons/%2e%2e/%2e%2e/secret.txt",
+    "/icons/x/../../../secret.txt",
 ])
 def test_server_refuses_paths_out_of_its_folders(served, path):
     get, _ = served
@@ -156,7 +179,7 @@ def test_server_refuses_paths_out_of_its_folders(served, path):
 
 
 @pytest.mark.parametrize("path", ["/export/", "/export", "/ort/", "/ort", "/export/sub/",
-                                  "/node_modules/", "/%2e/"])
+                                  "/node_modules/", "/%2e/", "/icons/", "/icons"])
 def test_server_lists_no_directories(served, path):
     get, _ = served
     response, body = get(path)
@@ -213,6 +236,127 @@ def test_cli_errors_are_one_line(tmp_path, capsys, served):
         main([str(folders["export"].parent), "--port", str(folders["port"])])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "in use" in err and "--port" in err
+
+
+# ---------------------------------------------------------------- the installable, offline app and its bundle
+def js_list(source: str, name: str) -> list[str]:
+    """The strings of `const NAME = [...]` in a JavaScript file."""
+    body = re.search(rf"const {name} = \[(.*?)\];", source, re.S)
+    assert body, name
+    return re.findall(r'"([^"]+)"', body[1])
+
+
+def test_the_app_file_lists_agree():
+    """The server and --bundle (kvae.demo), the wheel (setup.py) and the service worker (sw.js)
+    carry the same app files; sw.js caches onnxruntime-web under the version package.json pins."""
+    spec = importlib.util.spec_from_file_location("kvae_setup", REPO / "setup.py")
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    sw = (REPO / "mobile_demo" / "sw.js").read_text()
+    assert tuple(setup.APP_FILES) == APP_FILES and tuple(setup.ORT_FILES) == ORT_FILES
+    # sw.js itself is the browser's to keep (it checks for a new one on each visit)
+    assert js_list(sw, "APP_FILES") == ["./", *(name for name in APP_FILES if name != "sw.js")]
+    assert js_list(sw, "ORT_FILES") == [f"ort/{name}" for name in ORT_FILES]
+    pinned = json.loads((REPO / "mobile_demo" / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    assert re.search(r'const ORT_VERSION = "([^"]+)"', sw)[1] == pinned
+    for name in APP_FILES:
+        assert (REPO / "mobile_demo" / name).is_file(), name
+    web_manifest = json.loads((REPO / "mobile_demo" / "manifest.webmanifest").read_text())
+    assert web_manifest["start_url"] == "./" and web_manifest["display"] == "standalone"
+    icons = {icon["src"]: icon for icon in web_manifest["icons"]}
+    assert set(icons) <= set(APP_FILES) and {"192x192", "512x512"} <= {i["sizes"] for i in icons.values()}
+    assert any(i["purpose"] == "maskable" for i in icons.values())
+    from PIL import Image
+
+    for name, icon in icons.items():  # the sizes the manifest claims are the PNGs' own
+        with Image.open(REPO / "mobile_demo" / name) as image:
+            assert f"{image.width}x{image.height}" == icon["sizes"], name
+
+
+def test_the_icons_are_what_make_icons_draws(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_icons", REPO / "mobile_demo" / "make_icons.py")
+    make_icons = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_icons)
+    monkeypatch.setattr(make_icons, "ICONS", tmp_path)
+    make_icons.main()
+    for name in make_icons.SIZES:
+        assert (tmp_path / name).read_bytes() == (REPO / "mobile_demo" / name.join(["icons/", ""])).read_bytes(), name
+
+
+@pytest.fixture
+def site_source(served):
+    """The `served` fixture's fake app and run, with a manifest that names model files in three
+    formats, a header file ("prior") and leaves out a stray file; -> (run, app, export)."""
+    _, folders = served
+    app, export = folders["app"], folders["export"]
+    for name in ("encoder.onnx", "decoder.onnx", "decoder.ort", "prior.json", "stray.onnx"):
+        (export / name).write_bytes(f"bytes of {name}".encode())
+    files = {name: {"half": name.split(".")[0], "format": name.rsplit(".", 1)[1],
+                    "sha256": contract.sha256(export / name)}
+             for name in ("encoder.onnx", "decoder.onnx", "decoder.tflite", "decoder.ort")}
+    manifest = {"latent_dim": 2, "image_shape": [28, 28, 1], "files": files,
+                "prior": {"file": "prior.json", "sha256": contract.sha256(export / "prior.json")}}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    return export.parent, app, export
+
+
+def site_tree(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_bundle_is_the_whole_site_and_nothing_else(site_source, tmp_path):
+    run, app, export = site_source
+    out = tmp_path / "www" / "site"
+    written = write_bundle(run, out, app)
+    expected = {*APP_FILES, *(f"ort/{name}" for name in ORT_FILES),
+                *(f"export/{name}" for name in ("manifest.json", "encoder.onnx", "decoder.onnx",
+                                                 "decoder.tflite", "decoder.ort", "prior.json"))}
+    assert site_tree(out) == expected == set(written)  # not stray.onnx, .tmp-*, sub/, package.json
+    for rel in expected:
+        source = export / rel[7:] if rel.startswith("export/") else (
+            ort_dir(app) / rel[4:] if rel.startswith("ort/") else app / rel)
+        assert (out / rel).read_bytes() == source.read_bytes(), rel
+    assert site_tree(tmp_path / "www") == {f"site/{rel}" for rel in expected}  # no temporary folder left
+    # again into the same folder: an earlier bundle is replaced, nothing of it stays
+    (export / "decoder.ort").write_bytes(b"another export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    del manifest["files"]["decoder.ort"]
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    write_bundle(run, out, app)
+    assert site_tree(out) == expected - {"export/decoder.ort"}
+    assert site_tree(tmp_path / "www") == {f"site/{rel}" for rel in expected - {"export/decoder.ort"}}
+
+
+def test_the_bundle_refuses_with_one_line(site_source, tmp_path, capsys):
+    run, app, export = site_source
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(demo.KVAEError, match="holds other files"):
+        write_bundle(run, taken, app)
+    assert site_tree(taken) == {"notes.txt"}
+    for name in ("decoder.onnx", "prior.json"):  # a model file, a header file: both by their sha256
+        saved = (export / name).read_bytes()
+        (export / name).write_bytes(b"half-written by an export")
+        with pytest.raises(demo.KVAEError, match=f"{name} does not match its manifest.s sha256"):
+            write_bundle(run, tmp_path / "new", app)
+        assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.tmp-*"))
+        (export / name).write_bytes(saved)
+    (export / "encoder.onnx").unlink()
+    with pytest.raises(SystemExit) as e:
+        demo.main([str(run), "--bundle", str(tmp_path / "new")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "encoder.onnx" in err and "to_onnx.py" in err
+
+
+def test_the_bundle_command(site_source, tmp_path, capsys, monkeypatch):
+    run, app, _ = site_source
+    monkeypatch.setattr(demo, "APP_DIR", app)  # the fake app as the installed one
+    demo.main([str(run), "--bundle", str(tmp_path / "bundle")])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "http.server" in out and str(tmp_path / "bundle") in out
+    assert (tmp_path / "bundle" / "sw.js").is_file()
 
 
 # ---------------------------------------------------------------- the app in Chromium
@@ -284,19 +428,102 @@ class Onnx:
         return self.sessions["encoder.onnx"].run(["loc", "scale"], {"x": x, **self.condition(label, len(x))})
 
 
+SERVERS = ("kvae", "static")  # python -m kvae.demo RUN; a plain static server of its --bundle
+
+
+class QuietStaticHandler(http.server.SimpleHTTPRequestHandler):
+    """Python's own static file server (no kvae code, no COOP/COEP headers), without its log."""
+
+    def log_message(self, format, *args):
+        pass
+
+
+class Serving:
+    """The demo of one run on a free port: `url`, `stop()` (the server goes away), `publish(run)`
+    (another export at the same address: the kvae server's export folder, or a new bundle)."""
+
+    def __init__(self, kind: str, run: Path, tmp_path_factory):
+        self.kind = kind
+        if kind == "kvae":
+            self.server = make_server(run, port=0, quiet=True)
+            path = ""
+        else:  # the command's site, in a sub-folder of a plain static host
+            www = tmp_path_factory.mktemp("www")
+            self.site = www / "site"
+            self.bundle(run)
+            self.server = http.server.ThreadingHTTPServer(
+                ("127.0.0.1", 0), functools.partial(QuietStaticHandler, directory=str(www)))
+            path = "site/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+        self.stopped = False
+
+    def bundle(self, run: Path) -> None:
+        done = subprocess.run([sys.executable, "-m", "kvae.demo", str(run), "--bundle", str(self.site)],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+    def publish(self, run: Path) -> None:
+        if self.kind == "kvae":
+            self.server.roots["export"] = (run / "export").resolve()
+        else:
+            self.bundle(run)
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@contextlib.contextmanager
+def serving(kind: str, run: Path, tmp_path_factory):
+    served = Serving(kind, run, tmp_path_factory)
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server_kind(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def browser_page(demo_run, tmp_path_factory):
-    """A phone-sized, touch-enabled Chromium page on the demo; yields (page, problems, onnx, cdp).
+def driver():
+    """The module's one sync playwright (a thread drives one at a time): every page of these
+    tests is launched from it."""
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture
+def fresh_phone(driver, tmp_path_factory):
+    """Returns open(url) -> a context manager of (page, problems, cdp): a phone page on its own
+    fresh Chromium profile (no service worker or cache from other tests)."""
+    return lambda url: screenshot.phone_page(url, tmp_path_factory.mktemp("chromium-profile"),
+                                             playwright=driver)
+
+
+@pytest.fixture(scope="module")
+def browser_page(driver, server_kind, demo_run, tmp_path_factory):
+    """A phone-sized, touch-enabled Chromium page on the demo, served by `server_kind`; yields
+    (page, problems, onnx, cdp).
 
     `problems` collects console errors, uncaught exceptions and failed requests for the whole module.
     """
-    require_browser()
     profile = tmp_path_factory.mktemp("chromium-profile")  # a fresh --user-data-dir
-    with screenshot.demo_page(demo_run, profile) as (page, problems, cdp):
+    with serving(server_kind, demo_run, tmp_path_factory) as served, \
+            screenshot.phone_page(served.url, profile, playwright=driver) as (page, problems, cdp):
         yield page, problems, Onnx(demo_run / "export"), cdp
         ARTIFACTS.mkdir(exist_ok=True)
         page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(ARTIFACTS / "demo_phone.png"), full_page=True)
+        suffix = "" if server_kind == "kvae" else f"_{server_kind}"
+        page.screenshot(path=str(ARTIFACTS / f"demo_phone{suffix}.png"), full_page=True)
 
 
 def canvas_pixels(page, selector: str) -> np.ndarray:
@@ -380,8 +607,9 @@ def test_seeded_sample_matches_onnxruntime_python(browser_page):
     x_page = np.array(sample["x"], np.float32).reshape(n, *onnx.shape)
     x_python = onnx.decode(z)
     assert np.abs(x_page - x_python).max() <= TOL
-    # z really is N(0, I) from the seed: reproducible, seed-dependent, standard normal.
-    assert page.evaluate(f"Array.from(window.kvae.sampleZ(1234, {n * L}))") == sample["z"]
+    # z comes from the seed (the prior the manifest names, else N(0, I)): reproducible,
+    # seed-dependent; its eps standard normal.
+    assert page.evaluate(f"Array.from(window.kvae.samplePrior(1234, {n}).z)") == sample["z"]
     many = np.array(page.evaluate("Array.from(window.kvae.sampleZ(7, 20000))"))
     assert abs(many.mean()) < 0.03 and abs(many.std() - 1) < 0.03
     # What is on screen is what was decoded (grid of n images, 8-bit rounding).
@@ -394,7 +622,7 @@ def test_seeded_sample_matches_onnxruntime_python(browser_page):
     page.click("#resample")
     page.wait_for_function("window.kvae.state.sample.seed === 1235")
     z_next = page.evaluate("Array.from(window.kvae.state.sample.z)")
-    assert z_next == page.evaluate(f"Array.from(window.kvae.sampleZ(1235, {n * L}))") != sample["z"]
+    assert z_next == page.evaluate(f"Array.from(window.kvae.samplePrior(1235, {n}).z)") != sample["z"]
     assert problems == []
 
 
@@ -550,32 +778,28 @@ def conditional_run(trained_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def conditional_page(browser_page, conditional_run):
-    """The demo for the conditional run in a second tab of browser_page's phone-sized Chromium
-    (playwright's sync API drives one at a time per thread); yields (page, problems, onnx, cdp)."""
+def conditional_page(browser_page, server_kind, conditional_run, tmp_path_factory):
+    """The demo for the conditional run, served like browser_page's, in a second tab of its
+    phone-sized Chromium (playwright's sync API drives one at a time per thread); yields (page,
+    problems, onnx, cdp)."""
     first = browser_page[0]
-    server = make_server(conditional_run, port=0, quiet=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     page = first.context.new_page()
-    problems: list[str] = []  # as screenshot.demo_page collects them
-    page.on("console", lambda m: m.type == "error" and problems.append(f"console: {m.text}"))
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-    page.on("response", lambda r: r.status >= 400 and problems.append(f"HTTP {r.status}: {r.url}"))
+    problems: list[str] = []  # as screenshot.phone_page collects them
+    screenshot.watch(page, problems)
     page.set_default_timeout(60_000)  # a safety net, not a speed goal
     try:
-        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
-        page.wait_for_function("window.kvae !== undefined")
-        page.evaluate("window.kvae.ready")
-        yield page, problems, Onnx(conditional_run / "export"), first.context.new_cdp_session(page)
-        ARTIFACTS.mkdir(exist_ok=True)
-        page.evaluate("window.scrollTo(0, 0)")
-        page.screenshot(path=str(ARTIFACTS / "demo_phone_conditional.png"), full_page=True)
+        with serving(server_kind, conditional_run, tmp_path_factory) as served:
+            page.goto(served.url)
+            page.wait_for_function("window.kvae !== undefined")
+            page.evaluate("window.kvae.ready")
+            yield page, problems, Onnx(conditional_run / "export"), first.context.new_cdp_session(page)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.evaluate("window.scrollTo(0, 0)")
+            suffix = "" if server_kind == "kvae" else f"_{server_kind}"
+            page.screenshot(path=str(ARTIFACTS / f"demo_phone_conditional{suffix}.png"), full_page=True)
     finally:
         page.close()
         first.bring_to_front()
-        server.shutdown()
-        server.server_close()
 
 
 def pick_class(page, label: int, view: str) -> None:
@@ -635,7 +859,7 @@ def test_the_picked_class_conditions_the_seeded_sample(conditional_page):
         sample = page.evaluate("""() => { const s = window.kvae.state.sample;
             return {seed: s.seed, n: s.n, z: Array.from(s.z), x: Array.from(s.x)}; }""")
         assert sample["seed"] == 1234 and sample["n"] == 16
-        assert sample["z"] == page.evaluate(f"Array.from(window.kvae.sampleZ(1234, {16 * L}))")
+        assert sample["z"] == page.evaluate("Array.from(window.kvae.samplePrior(1234, 16).z)")
         z = np.array(sample["z"], np.float32).reshape(16, L)
         x_page = np.array(sample["x"], np.float32).reshape(16, H, W, C)
         x_python = onnx.decode(z, label=label)
@@ -712,3 +936,179 @@ def test_explore_and_draw_use_the_picked_class(conditional_page):
     assert diffs[-1] <= TOL
     print(f"explore, draw, interpolate: max abs diff vs onnxruntime-python {max(diffs):.2g}")
     assert problems == []
+
+
+# ---------------------------------------------------------------- offline, a new export, a fitted prior
+def set_seed(page, seed: int) -> dict:
+    """Sample with `seed` (the page's own input); returns its state: seed, z, x, components."""
+    page.fill("#seed", str(seed))
+    page.press("#seed", "Enter")
+    page.wait_for_function(f"window.kvae.state.sample.seed === {seed}")
+    return page.evaluate("""() => { const s = window.kvae.state.sample;
+        return {seed: s.seed, z: Array.from(s.z), x: Array.from(s.x),
+                components: s.components && Array.from(s.components)}; }""")
+
+
+def sample_diff(page, onnx, seed: int = 4321) -> float:
+    """Max abs diff between the page's seeded sample and onnxruntime-python's decode of its z."""
+    sample = set_seed(page, seed)
+    z = np.array(sample["z"], np.float32).reshape(-1, onnx.latent_dim)
+    assert sample["z"] == page.evaluate(f"Array.from(window.kvae.samplePrior({seed}, {len(z)}).z)")
+    return float(np.abs(np.array(sample["x"]) - onnx.decode(z).ravel()).max())
+
+
+def drawing_diff(page, onnx, cdp) -> float:
+    """A touch stroke drawn, encoded and reconstructed: max abs diff of loc, scale and the
+    reconstruction against onnxruntime-python."""
+    pen = page.locator("#pen")
+    page.click("#pen-clear")
+    pen.evaluate("el => el.scrollIntoView({block: 'center'})")
+    touch_stroke(cdp, polyline(pen.bounding_box(), [(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)]))  # a "7"
+    page.evaluate("window.kvae.settled()")
+    draw = page.evaluate("""() => { const d = window.kvae.state.draw;
+        return {x: d.x && Array.from(d.x), loc: d.loc && Array.from(d.loc),
+                scale: d.scale && Array.from(d.scale), recon: d.recon && Array.from(d.recon)}; }""")
+    assert draw["x"] is not None, "the touch stroke was not encoded"
+    loc, scale = onnx.encode(np.array(draw["x"], np.float32))
+    return max(np.abs(np.array(draw["loc"]) - loc[0]).max(), np.abs(np.array(draw["scale"]) - scale[0]).max(),
+               np.abs(np.array(draw["recon"]) - onnx.decode(draw["loc"]).ravel()).max())
+
+
+def reload_ready(page) -> None:
+    page.reload()
+    page.wait_for_function("window.kvae !== undefined")
+    page.evaluate("window.kvae.ready")
+    assert page.text_content("#status").startswith("Ready"), page.text_content("#status")
+
+
+def go_offline(page, served) -> None:
+    """The browser offline, and the server gone: playwright's offline mode does not reach the
+    service worker's own requests, a stopped server does."""
+    page.context.set_offline(True)
+    served.stop()
+
+
+def offline_urls(url: str, export: Path) -> set[str]:
+    """What the service worker must keep of an export: the manifest, and by content every file the
+    manifest names but .tflite / .ort (its model files, header files such as the prior)."""
+    manifest = contract.read_manifest(export)
+    named = {name: e["sha256"] for name, e in manifest["files"].items() if e["format"] not in ("tflite", "ort")}
+    named.update({v["file"]: v["sha256"] for v in manifest.values() if isinstance(v, dict) and "file" in v})
+    return {f"{url}export/manifest.json", *(f"{url}export/{name}?sha256={sha}" for name, sha in named.items())}
+
+
+def cached_models(page) -> set[str]:
+    return set(page.evaluate("caches.open('kvae-models').then(c => c.keys()).then(k => k.map(r => r.url))"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SERVERS)
+def test_offline_reload_still_samples_and_encodes(fresh_phone, kind, demo_run, tmp_path_factory):
+    """First visit online, then no network and no server: the page reloads from the service
+    worker's caches and samples, encodes a drawing and switches decoders as before."""
+    require_browser()
+    onnx = Onnx(demo_run / "export")
+    with serving(kind, demo_run, tmp_path_factory) as served, fresh_phone(served.url) as (page, problems, cdp):
+        kept = page.evaluate("window.kvae.offline")
+        assert kept["supported"] and "error" not in kept, kept
+        assert set(kept["cached"]) == offline_urls(served.url, demo_run / "export") <= cached_models(page)
+        assert page.text_content("#offline").startswith("Available offline")
+        named = onnx.manifest.get("prior")  # kvae.fit may fit a sampling prior (kvae.prior)
+        assert page.evaluate("window.kvae.prior") == (
+            {"kind": "mixture", "components": named["components"]} if named else {"kind": "standard", "components": 0})
+        assert page.evaluate("crossOriginIsolated") == (kind == "kvae")  # COOP/COEP from kvae's server
+        online = sample_diff(page, onnx)
+        go_offline(page, served)
+        reload_ready(page)
+        assert page.evaluate("navigator.serviceWorker.controller !== null")
+        offline = [sample_diff(page, onnx), drawing_diff(page, onnx, cdp)]
+        import onnxruntime as ort
+
+        for file in ("decoder.fp16.onnx", "decoder.int8.onnx"):  # every decoder, from the cache
+            page.select_option("#decoder-file", file)
+            page.wait_for_function(f"document.querySelector('#status').textContent.startsWith('Ready: {file}')")
+            sample = page.evaluate("() => ({z: Array.from(window.kvae.state.sample.z), x: Array.from(window.kvae.state.sample.x)})")
+            session = ort.InferenceSession(str(demo_run / "export" / file), providers=["CPUExecutionProvider"])
+            z = np.array(sample["z"], np.float32).reshape(-1, onnx.latent_dim)
+            offline.append(float(np.abs(np.array(sample["x"]) - session.run(["x_mean"], {"z": z})[0].ravel()).max()))
+        print(f"{kind}: max abs diff vs onnxruntime-python online {online:.2g}, offline {max(offline):.2g}")
+        assert online <= TOL and max(offline) <= TOL, offline
+        assert page.evaluate("window.kvae.offline")["cached"] == kept["cached"]
+        assert problems == []
+        # really offline: what the caches do not hold cannot be fetched (a failed request, last)
+        assert page.evaluate("fetch('export/not-cached.json').then(() => 'fetched', () => 'failed')") == "failed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_new_export_replaces_the_cached_one(fresh_phone, kind, demo_run, tmp_path_factory):
+    """A new export (another sha256 in the manifest) is fetched on the next online visit and the
+    older file leaves the cache; offline, the page then runs the new one."""
+    require_browser()
+    new_run = tmp_path_factory.mktemp("re-exported")
+    shutil.copytree(demo_run / "export", new_run / "export")
+    export = new_run / "export"
+    shutil.copyfile(export / "decoder.int8.onnx", export / "decoder.onnx")  # another decoder.onnx
+    manifest = contract.read_manifest(export)
+    manifest["files"]["decoder.onnx"].update(sha256=contract.sha256(export / "decoder.onnx"),
+                                             size=(export / "decoder.onnx").stat().st_size)
+    (export / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    old, new = Onnx(demo_run / "export"), Onnx(export)
+    z = np.random.default_rng(0).standard_normal((16, old.latent_dim), dtype=np.float32)
+    assert np.abs(old.decode(z) - new.decode(z)).max() > 10 * TOL  # the test can tell them apart
+    with serving(kind, demo_run, tmp_path_factory) as served, fresh_phone(served.url) as (page, problems, cdp):
+        page.evaluate("window.kvae.offline")
+        assert sample_diff(page, old) <= TOL
+        url = lambda m, f: f"{served.url}export/{f}?sha256={m.manifest['files'][f]['sha256']}"  # noqa: E731
+        served.publish(new_run)
+        reload_ready(page)
+        kept = page.evaluate("window.kvae.offline")
+        # the page's own request for the new file may have filled the cache before it asked
+        assert kept["fetched"] in ([], [url(new, "decoder.onnx")]), kept
+        assert kept["removed"] == [url(old, "decoder.onnx")], kept
+        assert set(kept["cached"]) == offline_urls(served.url, export) <= cached_models(page)
+        assert url(old, "decoder.onnx") not in cached_models(page)
+        assert sample_diff(page, new) <= TOL
+        go_offline(page, served)
+        reload_ready(page)
+        assert sample_diff(page, new) <= TOL and drawing_diff(page, new, cdp) <= TOL
+        assert problems == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", SERVERS)
+def test_a_fitted_prior_in_the_manifest_is_what_sample_draws_from(fresh_phone, kind, demo_run, tmp_path_factory):
+    """A manifest "prior" entry (prior.json: a Gaussian mixture, as kvae.prior writes it): Sample
+    picks component k with probability weights[k] and decodes z = loc[k] + scale[k] * eps with
+    the seed's eps; the file is kept offline and carried by the bundle."""
+    require_browser()
+    run = tmp_path_factory.mktemp("with-prior")
+    shutil.copytree(demo_run / "export", run / "export")
+    export = run / "export"
+    manifest = contract.read_manifest(export)
+    L, weights = manifest["latent_dim"], np.array([0.5, 0.3, 0.2])
+    rng = np.random.default_rng(5)
+    loc, scale = 2 * rng.standard_normal((3, L)), rng.uniform(0.1, 0.5, (3, L))
+    (export / "prior.json").write_text(json.dumps({"kind": "gaussian-mixture-diag", "weights": weights.tolist(),
+                                                   "loc": loc.tolist(), "scale": scale.tolist()}))
+    manifest["prior"] = {"file": "prior.json", "sha256": contract.sha256(export / "prior.json"), "components": 3}
+    (export / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    onnx = Onnx(export)
+    with serving(kind, run, tmp_path_factory) as served, fresh_phone(served.url) as (page, problems, cdp):
+        assert page.evaluate("window.kvae.prior") == {"kind": "mixture", "components": 3}
+        assert "fitted prior (a 3-component Gaussian mixture" in page.text_content("#sample-hint")
+        kept = page.evaluate("window.kvae.offline")
+        assert f"{served.url}export/prior.json?sha256={manifest['prior']['sha256']}" in kept["cached"]
+        sample = set_seed(page, 4321)
+        eps = np.array(page.evaluate(f"Array.from(window.kvae.sampleZ(4321, {16 * L}))")).reshape(16, L)
+        k = np.array(sample["components"])
+        f32 = lambda a: np.asarray(a, np.float32).astype(np.float64)  # noqa: E731  (the page's Float32Arrays)
+        want = (f32(loc)[k] + f32(scale)[k] * f32(eps)).astype(np.float32)
+        assert np.array_equal(np.array(sample["z"], np.float32).reshape(16, L), want)
+        assert np.abs(np.array(sample["x"]) - onnx.decode(want).ravel()).max() <= TOL
+        picks = np.array(page.evaluate("Array.from(window.kvae.samplePrior(7, 20000).components)"))
+        share = np.bincount(picks, minlength=3) / len(picks)
+        assert np.abs(share - weights).max() < 0.02, share  # 4.5 standard errors at 20,000 draws
+        if kind == "static":
+            assert (served.site / "export" / "prior.json").read_bytes() == (export / "prior.json").read_bytes()
+        assert problems == []
