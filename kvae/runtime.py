@@ -345,12 +345,13 @@ class VAE:
 
         Args:
           folder: run folder or export folder.
-          format: `onnx` or `tflite` (default: onnx when present, else tflite).
+          format: `onnx`, `tflite` or `ort` (onnxruntime's format, export/to_onnx.py --ort)
+            (default: onnx when present, else tflite).
           precision: the decoder's: `fp32`, `fp16` or `int8`.
           encoder_precision: the encoder's.
         """
-        if format not in (None, "onnx", "tflite"):
-            raise RuntimeInputError(f"format must be 'onnx' or 'tflite', got {format!r}")
+        if format not in (None, "onnx", "tflite", "ort"):
+            raise RuntimeInputError(f"format must be 'onnx', 'tflite' or 'ort', got {format!r}")
         return cls(resolve(folder, "encoder", format, encoder_precision),
                    resolve(folder, "decoder", format, precision), **options)
 

@@ -23,8 +23,9 @@ from kvae.errors import KVAEError
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by kvae.sample and kvae.encode: which file to pick and how to run it."""
-    parser.add_argument("--format", choices=("onnx", "tflite"), default=None,
-                        help="for a folder: which file format to open (default: onnx if present)")
+    parser.add_argument("--format", choices=("onnx", "tflite", "ort"), default=None,
+                        help="for a folder: which file format to open (default: onnx if present; "
+                             "ort: the .ort files of export/to_onnx.py --ort)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                         help="for a folder: which exported variant to open (default fp32)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the runtime")

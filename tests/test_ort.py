@@ -163,12 +163,23 @@ def test_runtime_opens_ort_files(exports):
         assert decoder.info["precision"] == precision and decoder.info["source"] == "manifest.json"
         onnx = Decoder(folder / contract.filename("decoder", precision, "onnx"))
         assert np.abs(decoder.sample(5, seed=3) - onnx.sample(5, seed=3)).max() <= 1e-5
+    picked = VAE.from_folder(folder, format="ort", precision="int8")
+    assert (picked.encoder.path.name, picked.decoder.path.name) == ("encoder.ort", "decoder.int8.ort")
     vae = VAE(folder / "encoder.ort", folder / "decoder.ort")
     images = vae.sample(4, seed=0)
     loc, scale = vae.encode(images)
     want = Encoder(folder / "encoder.onnx").encode(images)
     assert np.abs(loc - want[0]).max() <= 1e-5 and np.abs(scale - want[1]).max() <= 1e-5
     assert np.isfinite(vae.log_likelihood((images > 0.5).astype(np.float32), k=5)).all()
+
+
+def test_kvae_sample_takes_the_ort_files_of_a_folder(exports, tmp_path):
+    _, folder, _ = exports
+    done = subprocess.run([sys.executable, "-m", "kvae.sample", str(folder), "--format", "ort",
+                           "--precision", "fp16", "--n", "3", "--seed", "0", "--out", str(tmp_path / "x.npy")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "decoder.fp16.ort" in done.stdout, done.stderr
+    assert np.load(tmp_path / "x.npy").shape == (3, 28, 28, 1)
 
 
 def test_a_broken_ort_file_is_one_line(exports, tmp_path):
