@@ -6,7 +6,9 @@
 #        bench/gpu_check.sh --download wheels/        # keras, tfp-nightly, mlxtend, kvae (+ deps)
 #   2. copy this repository and wheels/ to the GPU box, then there:
 #        python -m venv --system-site-packages .venv-gpu && . .venv-gpu/bin/activate   # keeps jax
-#        bench/gpu_check.sh --wheels wheels/ [--epochs 30] [--batch-size 256]
+#        bench/gpu_check.sh --wheels wheels/ [--epochs 30] [--batch-size 256] [--eval-k 100]
+#   re-check finished run folders (e.g. the two kept by --out DIR), training nothing:
+#        bench/gpu_check.sh --check-runs DIR/float32 DIR/mixed [--max-nll 130]
 #
 # Installs from wheels/ only (pip --no-index), trains with KERAS_BACKEND=jax in float32 and mixed
 # precision, prints samples/second, checks the saved encoder/decoder (and the ONNX export where

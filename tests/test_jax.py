@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +78,33 @@ def jax(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return result
 
 
+# jax_run's schedule: a constant learning rate, so that it is also the uninterrupted run the resume
+# test compares with (extending --epochs on resume would stretch a cosine schedule; the cosine
+# schedule trains under JAX in the gpu_check runs)
+JAX_RUN = [*RUN, "--lr-schedule", "constant"]
+
+
 @pytest.fixture(scope="module")
 def jax_run(tmp_path_factory):
     """A run trained under JAX, with its halves' outputs on fixed inputs in jax_outputs.npz."""
     out = tmp_path_factory.mktemp("jax") / "run"
-    fit = jax("-m", "kvae.fit", "--out", str(out), "--epochs", "2", *RUN)
+    fit = jax("-m", "kvae.fit", "--out", str(out), "--epochs", "2", *JAX_RUN)
     probe = jax("-c", PROBE, str(out))
     return out, fit.stdout, probe.stdout
+
+
+@pytest.fixture(scope="module")
+def gpu_check_runs(tmp_path_factory):
+    """bench/gpu_check.sh --allow-cpu --epochs 1 once: (its folder, the finished process); the two
+    runs it trained (float32, mixed precision) are in FOLDER/runs, its report in FOLDER."""
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    env = {**jax_env(), "PYTHON": str(JAX_PYTHON)}
+    # --eval-k 10: the same NLL check on a 10-sample IWAE bound (k=100 is most of the run on a CPU)
+    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "1",
+                             "--eval-k", "10", "--max-nll", "400", "--out", str(tmp / "runs"),
+                             "--results", str(tmp)], env=env, capture_output=True, text=True,
+                            timeout=900)
+    return tmp, result
 
 
 def test_trains_under_jax_without_tensorflow(jax_run):
@@ -144,27 +163,31 @@ def test_jax_run_exports_with_parity(jax_run, fmt):
     assert all(d <= EXPORT_TOL for d in diffs.values()), (fmt, diffs)
 
 
-def test_jax_resume_matches_an_uninterrupted_run(tmp_path):
-    # a constant learning rate: extending --epochs on resume would stretch a cosine schedule
-    args = [*RUN, "--lr-schedule", "constant", "--eval-k", "0"]
-    jax("-m", "kvae.fit", "--out", str(tmp_path / "whole"), "--epochs", "2", *args)
-    jax("-m", "kvae.fit", "--out", str(tmp_path / "resumed"), "--epochs", "1", *args)
+def test_jax_resume_matches_an_uninterrupted_run(jax_run, tmp_path):
+    # the uninterrupted run is jax_run (2 epochs, constant learning rate); this one is stopped
+    # after 1 epoch and resumed to 2 (--eval-k 0: the final NLL does not touch training)
+    whole_run = jax_run[0]
+    jax("-m", "kvae.fit", "--out", str(tmp_path / "resumed"), "--epochs", "1", *JAX_RUN, "--eval-k", "0")
     jax("-m", "kvae.fit", "--out", str(tmp_path / "resumed"), "--resume", "--epochs", "2")
-    whole, resumed = ((tmp_path / name / "history.csv").read_text().splitlines()
-                      for name in ("whole", "resumed"))
+    whole, resumed = ((folder / "history.csv").read_text().splitlines()
+                      for folder in (whole_run, tmp_path / "resumed"))
     assert len(whole) == 3 and resumed == whole  # every epoch once, the same losses to the digit
     import keras
 
     z = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
-    a, b = (keras.saving.load_model(tmp_path / name / "decoder.keras")(z) for name in ("whole", "resumed"))
+    a, b = (keras.saving.load_model(folder / "decoder.keras")(z) for folder in (whole_run, tmp_path / "resumed"))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_jax_mixed_precision_and_tf_distribute_flag(tmp_path):
-    result = jax("-m", "kvae.fit", "--out", str(tmp_path / "mp"), "--epochs", "1", *RUN,
-                 "--mixed-precision")
-    metrics = json.loads((tmp_path / "mp" / "metrics.json").read_text())
-    assert np.isfinite(metrics["eval"]["nll"]), result.stdout
+def test_jax_mixed_precision_and_tf_distribute_flag(gpu_check_runs, tmp_path):
+    # the mixed precision training is gpu_check's second run (kvae.fit with mixed_precision under
+    # JAX, the default model for one epoch)
+    folder, result = gpu_check_runs
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    mixed = folder / "runs" / "mixed"
+    assert json.loads((mixed / "config.json").read_text())["mixed_precision"] is True
+    metrics = json.loads((mixed / "metrics.json").read_text())
+    assert np.isfinite(metrics["eval"]["nll"]) and np.isfinite(metrics["final"]["loss"]), metrics
     bad = subprocess.run([str(JAX_PYTHON), "-m", "kvae.fit", "--out", str(tmp_path / "m"),
                           "--strategy", "mirrored", "--epochs", "1"], env=jax_env(),
                          capture_output=True, text=True, timeout=300)
@@ -172,18 +195,14 @@ def test_jax_mixed_precision_and_tf_distribute_flag(tmp_path):
     assert not (tmp_path / "m").exists()  # refused before writing anything
 
 
-def test_gpu_check_script_runs_and_checks(tmp_path):
+def test_gpu_check_script_runs_and_checks(gpu_check_runs):
     """bench/gpu_check.sh end to end on the CPU (--allow-cpu), in the JAX environment."""
-    env = {**jax_env(), "PYTHON": str(JAX_PYTHON)}
-    result = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "1",
-                             "--max-nll", "400", "--out", str(tmp_path / "runs"),
-                             "--results", str(tmp_path)], env=env, capture_output=True, text=True,
-                            timeout=900)
+    tmp_path, result = gpu_check_runs
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check-cpu.json").read_text())
     assert report["passed"] and report["backend"] == "jax"
     assert [r["precision"] for r in report["runs"]] == ["float32", "mixed_float16"]
-    assert all(r["samples_per_s"] > 0 for r in report["runs"])
+    assert all(r["samples_per_s"] > 0 and r["eval_k"] == 10 for r in report["runs"])
     assert "reloaded vs trained" in result.stdout and result.stdout.rstrip().splitlines()[-1].startswith("PASS")
     # the check compares the files with the model it is given, the trained one: a model that
     # differs from the saved files (as a save of the wrong weights would) is a problem per output
@@ -193,8 +212,17 @@ def test_gpu_check_script_runs_and_checks(tmp_path):
     for output in ("vae.keras loc", "vae.keras scale", "vae.keras x_mean", "encoder.keras loc",
                    "encoder.keras scale", "decoder.keras x_mean"):
         assert any(p.startswith(output + " differs") for p in problems), (output, problems)
-    # a check that finds a problem fails: an NLL bound no run can meet
-    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--allow-cpu", "--epochs", "1",
-                          "--max-nll", "1", "--results", str(tmp_path / "bad")], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    # a check that finds a problem fails: an NLL bound no run can meet, on the mixed precision run
+    # above (--check-runs: the same checks and the same verdict, without training it again)
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--check-runs",
+                          str(tmp_path / "runs" / "mixed"), "--max-nll", "1",
+                          "--results", str(tmp_path / "bad")],
+                         env={**jax_env(), "PYTHON": str(JAX_PYTHON)}, capture_output=True, text=True,
+                         timeout=900)
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    assert bad.stdout.count("reloaded vs vae.keras") == 3  # its files were checked
+    # the NLL is the one problem found, read from the run's metrics.json
+    nll = report["runs"][1]["held_out_nll"]
+    assert bad.stdout.rstrip().splitlines()[-1].startswith(f"FAIL: mixed_float16 NLL is {nll} ("), \
+        bad.stdout[-2000:]
+    assert not (tmp_path / "bad").exists()  # nothing timed, no results file
