@@ -106,12 +106,14 @@ def build_decoder_net(image_shape, latent_dim: int, arch: str = "conv", hidden: 
         h4, w4 = math.ceil(height / 4), math.ceil(width / 4)
         h = drop(keras.layers.Dense(h4 * w4 * 2 * filters, activation="relu")(with_y(h)))
         h = keras.layers.Reshape((h4, w4, 2 * filters))(h)
-        if arch == "resnet":
+        if arch == "resnet":  # deeper and narrower at 14 x 14: about conv's cost per image
             h = drop(_residual(h, 2 * filters, with_y))
-        h = drop(keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same",
-                                              activation="relu")(with_y(h)))
-        if arch == "resnet":
-            h = drop(_residual(h, 2 * filters, with_y))
+            h = drop(keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same",
+                                                  activation="relu")(with_y(h)))
+            h = drop(_residual(h, filters, with_y))
+        else:
+            h = drop(keras.layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same",
+                                                  activation="relu")(with_y(h)))
         h = drop(keras.layers.Conv2DTranspose(filters, 3, strides=2, padding="same",
                                               activation="relu")(with_y(h)))
         h = keras.layers.Conv2DTranspose(channels, 3, padding="same", dtype="float32")(h)

@@ -31,10 +31,13 @@ PRIORS = ("fitted", "standard")  # what runtime sampling takes: the fitted prior
 MIN_SCALE = 1e-3  # floor on a component's standard deviation (a component of one code)
 
 
-def fit(codes: np.ndarray, components: int, seed: int = 0, restarts: int = 3,
-        iterations: int = 200, tol: float = 1e-6) -> dict:
-    """A diagonal Gaussian mixture fitted to `codes` (N, D) by EM: `restarts` k-means++ starts,
-    the one of the highest likelihood kept (one start can end with two components in one cluster).
+def fit(codes: np.ndarray, components: int, seed: int = 0, restarts: int = 1,
+        iterations: int = 100, tol: float = 1e-5) -> dict:
+    """A diagonal Gaussian mixture fitted to `codes` (N, D) by EM from k-means++ starts.
+
+    With `restarts` > 1 the fit of the highest likelihood is kept: a start can end with two
+    components in one cluster, which matters for a few components, little for kvae.fit's many
+    (one start, as scikit-learn's GaussianMixture makes by default).
 
     Returns the prior as a dict (`write` saves it): weights (K,), loc and scale (K, D).
     """
