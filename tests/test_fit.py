@@ -44,22 +44,34 @@ def weights(path: Path) -> dict:
     return out
 
 
-def test_cli_writes_the_complete_run_folder(tiny_npz, tmp_path):
+CLI_EPOCHS = 6
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_npz, tmp_path_factory):
+    """`python -m kvae.fit` on tiny_npz, CLI_EPOCHS epochs of TINY: (folder, finished process).
+    The run folder the CLI test checks, and the uninterrupted run the SIGKILL test compares with."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    result = run_cli("--dataset", tiny_npz, "--out", str(run), "--epochs", str(CLI_EPOCHS), *TINY)
+    return run, result
+
+
+def test_cli_writes_the_complete_run_folder(cli_run):
     from PIL import Image
 
-    run = tmp_path / "run"
-    result = run_cli("--dataset", tiny_npz, "--out", str(run), "--epochs", "2", *TINY)
+    run, result = cli_run
     assert result.returncode == 0, result.stderr
-    assert "Epoch 2/2" in result.stdout
+    assert f"Epoch {CLI_EPOCHS}/{CLI_EPOCHS}" in result.stdout
     for name in ("config.json", "vae.keras", "encoder.keras", "decoder.keras", "history.csv",
                  "metrics.json", "samples.png", "reconstructions.png"):
         assert (run / name).stat().st_size > 0, name
     assert json.loads((run / "config.json").read_text())["latent_dim"] == 4
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs"] == 2 and metrics["eval"]["k"] == 5
+    assert metrics["epochs"] == CLI_EPOCHS and metrics["eval"]["k"] == 5
     assert metrics["eval"]["nll"] <= metrics["eval"]["neg_elbo"] + 1.0
     history = (run / "history.csv").read_text().splitlines()
-    assert history[0].startswith("epoch,") and [r.split(",")[0] for r in history[1:]] == ["1", "2"]
+    assert history[0].startswith("epoch,")
+    assert [r.split(",")[0] for r in history[1:]] == [str(e) for e in range(1, CLI_EPOCHS + 1)]
     assert "val_loss" in history[0] and "kl_loss" in history[0]
     for png in ("samples.png", "reconstructions.png"):
         with Image.open(run / png) as im:
@@ -110,10 +122,10 @@ fit(resolve_config(parse_args(sys.argv[1:])), callbacks=[Pause()])
 
 
 @pytest.mark.slow
-def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, tmp_path):
-    args = ["--dataset", tiny_npz, "--epochs", "6", *TINY, "--eval-k", "0"]
-    straight = tmp_path / "straight"
-    assert run_cli("--out", str(straight), *args).returncode == 0
+def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, cli_run, tmp_path):
+    args = ["--dataset", tiny_npz, "--epochs", str(CLI_EPOCHS), *TINY]  # as cli_run: the straight run
+    straight, done = cli_run
+    assert done.returncode == 0, done.stderr
 
     killed = tmp_path / "killed"
     with (open(tmp_path / "killed.stderr", "w") as stderr,
