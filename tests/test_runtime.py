@@ -648,9 +648,11 @@ def test_seeded_sampling_is_reproducible_across_processes(run, blocker):
 
 
 def test_sample_uses_standard_normal_eps(run):
+    """prior="standard": z = eps ~ N(0, I) from numpy's Generator (the fitted prior, the default
+    when the export has one, is tests/test_prior.py's)."""
     decoder = Decoder(run)
     eps = np.random.default_rng(3).standard_normal((4, 8), dtype=np.float32)
-    np.testing.assert_array_equal(decoder.sample(4, seed=3), decoder.decode(eps))
+    np.testing.assert_array_equal(decoder.sample(4, seed=3, prior="standard"), decoder.decode(eps))
 
 
 # --------------------------------------------------------------------------- log-likelihood
@@ -809,7 +811,7 @@ def test_a_model_that_is_not_ours(tmp_path, dtype, match):
 def test_verify_refuses_a_changed_file(run, tmp_path):
     import shutil
 
-    for name in ("decoder.onnx", "manifest.json"):
+    for name in ("decoder.onnx", "manifest.json", "prior.json"):
         shutil.copy(run / "export" / name, tmp_path / name)
     assert Decoder(tmp_path / "decoder.onnx", verify=True).latent_dim == 8
     # a changed weight: still a valid model, only the checksum can tell
