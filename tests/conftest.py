@@ -89,3 +89,54 @@ def direct():
         return lambda **inputs: {k: np.array(v) for k, v in runner(**inputs).items()}
 
     return open_file
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory) -> str:
+    """mnist-5k's first 500 digits (no labels) as an .npz: 436 train / 64 held out with
+    --val-size 64, so 6 steps an epoch at --batch-size 64."""
+    import numpy as np
+
+    from kvae.data import _mnist_5k
+
+    x, _ = _mnist_5k()
+    path = tmp_path_factory.mktemp("digits-500") / "small.npz"
+    np.savez(path, x=x[:500, :, :, 0])
+    return str(path)
+
+
+class BackgroundFit:
+    """`python -m kvae.fit` started in the background; `done()` waits for it."""
+
+    def __init__(self, args: list[str], out: Path):
+        import subprocess
+        import sys
+
+        self.args, self.out = args, out
+        self.log = out.parent / "fit.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kvae.fit", *args, "--out", str(out)],
+                                         cwd=Path(__file__).resolve().parents[1], stdout=log,
+                                         stderr=subprocess.STDOUT, text=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def done(self) -> tuple[Path, int, str]:
+        """(run folder, exit status, stdout and stderr) once the fit has ended."""
+        code = self.proc.wait(timeout=900)  # a safety net for a hung child, not a speed goal
+        return self.out, code, self.log.read_text()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(digits_npz, tmp_path_factory):
+    """The uninterrupted run that killed-and-resumed ones must equal (tests/test_crash_safety.py,
+    tests/test_fit.py), trained once: `python -m kvae.fit` on digits_npz for 6 epochs, conv,
+    latent 4, hidden 32, batch 64, eval k 5. Returns a BackgroundFit: its `.args` (kvae.fit's
+    arguments but --out, for the runs compared with it) and `.done()`. It starts when first asked
+    for and trains alongside that test's own children."""
+    args = ["--dataset", digits_npz, "--epochs", "6", "--latent-dim", "4", "--hidden", "32",
+            "--batch-size", "64", "--val-size", "64", "--eval-k", "5"]
+    fit = BackgroundFit(args, tmp_path_factory.mktemp("uninterrupted") / "run")
+    yield fit
+    if fit.proc.poll() is None:
+        fit.proc.kill()
+        fit.proc.wait()

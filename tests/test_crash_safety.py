@@ -170,25 +170,14 @@ def keras_weights(path: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in load_vae(path).weights]
 
 
-@pytest.fixture(scope="module")
-def small_npz(tmp_path_factory) -> str:
-    """500 real MNIST digits: 436 train / 64 held out, short epochs."""
-    from kvae.data import _mnist_5k
-
-    x, _ = _mnist_5k()
-    path = tmp_path_factory.mktemp("crash-data") / "small.npz"
-    np.savez(path, x=x[:500, :, :, 0])
-    return str(path)
-
-
 @pytest.mark.slow
-def test_fit_killed_three_times_then_resumed_equals_an_uninterrupted_run(small_npz, tmp_path):
+def test_fit_killed_three_times_then_resumed_equals_an_uninterrupted_run(uninterrupted_run, tmp_path):
     rng = random.Random(SEED)
-    args = ["-m", "kvae.fit", "--dataset", small_npz, "--epochs", str(EPOCHS), "--latent-dim", "4",
-            "--hidden", "32", "--batch-size", "64", "--val-size", "64", "--eval-k", "5"]
-    straight = tmp_path / "straight"
+    # the reference (conftest's uninterrupted_run: 500 real digits, 436 train / 64 held out, short
+    # epochs) trains alongside the killed one; the killed one runs with the same arguments
+    args = ["-m", "kvae.fit", *uninterrupted_run.args]
+    assert args[args.index("--epochs") + 1] == str(EPOCHS)
     killed = tmp_path / "killed"
-    reference = Child([*args, "--out", str(straight)])  # runs alongside the killed one
 
     # The kill points: (what the child runs, when it is killed, how to get there). Each waits for
     # an event (a line the child prints), never for a time: the same kills on any machine.
@@ -222,7 +211,8 @@ def test_fit_killed_three_times_then_resumed_equals_an_uninterrupted_run(small_n
 
     final = Child([*args, "--out", str(killed), "--resume"])
     assert final.finish() == 0, final.output()
-    assert reference.finish() == 0, reference.output()
+    straight, code, output = uninterrupted_run.done()
+    assert code == 0, output[-3000:]
 
     epochs = [r.split(",")[0] for r in (killed / "history.csv").read_text().splitlines()[1:]]
     assert epochs == [str(e) for e in range(1, EPOCHS + 1)], message  # every epoch exactly once

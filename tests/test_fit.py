@@ -44,34 +44,30 @@ def weights(path: Path) -> dict:
     return out
 
 
-CLI_EPOCHS = 6
-
-
 @pytest.fixture(scope="module")
-def cli_run(tiny_npz, tmp_path_factory):
-    """`python -m kvae.fit` on tiny_npz, CLI_EPOCHS epochs of TINY: (folder, finished process).
-    The run folder the CLI test checks, and the uninterrupted run the SIGKILL test compares with."""
-    run = tmp_path_factory.mktemp("cli") / "run"
-    result = run_cli("--dataset", tiny_npz, "--out", str(run), "--epochs", str(CLI_EPOCHS), *TINY)
-    return run, result
+def cli_run(uninterrupted_run):
+    """conftest's uninterrupted_run (`python -m kvae.fit` on 500 digits for 6 epochs, eval k 5):
+    (folder, exit status, output). The run folder the CLI test checks, and the uninterrupted run
+    the SIGKILL test compares with (tests/test_crash_safety.py's too)."""
+    return uninterrupted_run.done()
 
 
 def test_cli_writes_the_complete_run_folder(cli_run):
     from PIL import Image
 
-    run, result = cli_run
-    assert result.returncode == 0, result.stderr
-    assert f"Epoch {CLI_EPOCHS}/{CLI_EPOCHS}" in result.stdout
+    run, code, output = cli_run
+    assert code == 0, output[-3000:]
+    assert "Epoch 6/6" in output
     for name in ("config.json", "vae.keras", "encoder.keras", "decoder.keras", "history.csv",
                  "metrics.json", "samples.png", "reconstructions.png"):
         assert (run / name).stat().st_size > 0, name
     assert json.loads((run / "config.json").read_text())["latent_dim"] == 4
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["epochs"] == CLI_EPOCHS and metrics["eval"]["k"] == 5
+    assert metrics["epochs"] == 6 and metrics["eval"]["k"] == 5
     assert metrics["eval"]["nll"] <= metrics["eval"]["neg_elbo"] + 1.0
     history = (run / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,")
-    assert [r.split(",")[0] for r in history[1:]] == [str(e) for e in range(1, CLI_EPOCHS + 1)]
+    assert [r.split(",")[0] for r in history[1:]] == ["1", "2", "3", "4", "5", "6"]
     assert "val_loss" in history[0] and "kl_loss" in history[0]
     for png in ("samples.png", "reconstructions.png"):
         with Image.open(run / png) as im:
@@ -122,10 +118,10 @@ fit(resolve_config(parse_args(sys.argv[1:])), callbacks=[Pause()])
 
 
 @pytest.mark.slow
-def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, cli_run, tmp_path):
-    args = ["--dataset", tiny_npz, "--epochs", str(CLI_EPOCHS), *TINY]  # as cli_run: the straight run
-    straight, done = cli_run
-    assert done.returncode == 0, done.stderr
+def test_same_seed_same_weights_and_resume_after_sigkill(uninterrupted_run, digits_npz, cli_run, tmp_path):
+    args = uninterrupted_run.args  # 6 epochs; the straight run is cli_run
+    straight, code, output = cli_run
+    assert code == 0, output[-3000:]
 
     killed = tmp_path / "killed"
     with (open(tmp_path / "killed.stderr", "w") as stderr,
@@ -140,7 +136,7 @@ def test_same_seed_same_weights_and_resume_after_sigkill(tiny_npz, cli_run, tmp_
     assert paused, (tmp_path / "killed.stderr").read_text()[-3000:]
     progress = killed / "state" / "progress.json"
     assert json.loads(progress.read_text())["epochs_done"] == 2  # epoch 3 was cut half-way
-    result = run_cli("--out", str(killed), "--resume", "--dataset", tiny_npz)
+    result = run_cli("--out", str(killed), "--resume", "--dataset", digits_npz)
     assert result.returncode == 0, result.stderr
     assert f"resuming {killed} after epoch 2" in result.stdout
 

@@ -234,14 +234,9 @@ def truncate(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    """500 real MNIST digits (436 train / 64 validation): 6 steps an epoch."""
-    from kvae.data import _mnist_5k
-
-    x, _ = _mnist_5k()
-    path = tmp_path_factory.mktemp("run-folder-data") / "small.npz"
-    np.savez(path, x=x[:500, :, :, 0])
-    return str(path)
+def data(digits_npz) -> str:
+    """500 real MNIST digits (436 train / 64 validation): 6 steps an epoch (conftest's)."""
+    return digits_npz
 
 
 @pytest.fixture(scope="module")
