@@ -29,6 +29,7 @@ same network open it). Only GET and HEAD; no directory listings; paths that leav
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -221,12 +222,15 @@ def check_folders(run: Path, app_dir: Path = APP_DIR) -> Path:
     return export_dir
 
 
-def bundle_files(run: str | Path, app_dir: Path = APP_DIR) -> dict[str, Path]:
-    """Everything `--bundle` writes: path inside the site -> the file it is copied from.
+def bundle_files(run: str | Path, app_dir: Path = APP_DIR) -> tuple[dict[str, Path], dict[str, str]]:
+    """Everything `--bundle` writes, from one read of the manifest: (site, digests).
 
-    The app (APP_FILES), onnxruntime-web's files (ORT_FILES under ort/), and under export/ the
-    manifest and every file it names: its `files` entries and header entries that name a file
-    ({"file": NAME}: a fitted prior, the .ort files' operator config).
+    site: path inside the site -> the file it is copied from. The app (APP_FILES),
+    onnxruntime-web's files (ORT_FILES under ort/), and under export/ the manifest and every file
+    it names: its `files` entries and header entries that name a file ({"file": NAME}: a fitted
+    prior, the .ort files' operator config).
+    digests: path inside the site -> the sha256 its copy must have: export/ files, by what the
+    manifest gives them, and the manifest itself, by the bytes that were read.
 
     Raises:
       KVAEError: a folder or a file the site needs is missing (one line saying what to run).
@@ -234,22 +238,31 @@ def bundle_files(run: str | Path, app_dir: Path = APP_DIR) -> dict[str, Path]:
     app_dir = Path(app_dir)
     export_dir = check_folders(Path(run), app_dir)
     try:
+        # its sha256 first: the copy of the manifest must be the one read here (an export that
+        # rewrites it meanwhile fails the copy's check instead of mixing two exports)
+        manifest_digest = contract.sha256(export_dir / contract.MANIFEST)
         manifest = contract.read_manifest(export_dir)
+    except OSError as e:
+        raise KVAEError(f"cannot read {export_dir / contract.MANIFEST}: {describe_os_error(e)}") from None
     except ValueError as e:
         raise KVAEError(f"{e}: run python export/to_onnx.py {run}") from None
     site = {name: app_dir / name for name in APP_FILES}
     site.update({f"ort/{name}": ort_dir(app_dir) / name for name in ORT_FILES})
-    named = [contract.MANIFEST, *manifest.get("files", {}),
-             *(v["file"] for v in manifest.values() if isinstance(v, dict) and isinstance(v.get("file"), str))]
-    for name in named:
+    entries = {**manifest.get("files", {}),
+               **{v["file"]: v for v in manifest.values() if isinstance(v, dict) and isinstance(v.get("file"), str)}}
+    digests = {f"export/{contract.MANIFEST}": manifest_digest}
+    for name in (contract.MANIFEST, *entries):
         if Path(name).name != name or name.startswith("."):
             raise KVAEError(f"{export_dir / contract.MANIFEST} names {name!r}, not a file of its folder")
         site[f"export/{name}"] = export_dir / name
+        digest = entries[name].get("sha256") if isinstance(entries.get(name), dict) else None
+        if isinstance(digest, str) and digest:
+            digests[f"export/{name}"] = digest
     missing = [str(path) for path in site.values() if not path.is_file()]
     if missing:
         raise KVAEError(f"the site needs {', '.join(missing)}: export again (python export/to_onnx.py "
                         f"{run}) or reinstall kvae")
-    return site
+    return site, digests
 
 
 def write_bundle(run: str | Path, out: str | Path, app_dir: Path = APP_DIR) -> dict[str, Path]:
@@ -262,17 +275,13 @@ def write_bundle(run: str | Path, out: str | Path, app_dir: Path = APP_DIR) -> d
     Raises:
       KVAEError: a file is missing, `out` holds something else, or a copy does not match.
     """
-    site = bundle_files(run, app_dir)
+    site, digests = bundle_files(run, app_dir)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise KVAEError(f"--bundle {out} is a file: pass a folder")
     if out.is_dir() and any(out.iterdir()) and not all(
             (out / p).is_file() for p in ("index.html", "sw.js", f"export/{contract.MANIFEST}")):
         raise KVAEError(f"--bundle {out} holds other files (not an earlier bundle): pass a new or empty folder")
-    manifest = contract.read_manifest(Path(run) / "export")
-    digests = {name: entry.get("sha256") for name, entry in manifest.get("files", {}).items()}
-    digests.update({v["file"]: v.get("sha256") for v in manifest.values()
-                    if isinstance(v, dict) and isinstance(v.get("file"), str)})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -283,15 +292,22 @@ def write_bundle(run: str | Path, out: str | Path, app_dir: Path = APP_DIR) -> d
             dst = work / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
-            digest = digests.get(rel[len("export/"):]) if rel.startswith("export/") else None
+            digest = digests.get(rel)
             if digest and contract.sha256(dst) != digest:
-                raise KVAEError(f"{src} does not match its manifest's sha256 (an export is running?): "
-                                "bundle again when it has finished")
+                what = ("changed while it was bundled" if rel == f"export/{contract.MANIFEST}"
+                        else "does not match its manifest's sha256")
+                raise KVAEError(f"{src} {what} (an export is running?): bundle again when it has finished")
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-        work.rename(out)
+        try:
+            work.rename(out)
+        except BaseException:
+            if old is not None:  # the earlier bundle back in its place: `out` as it was
+                with contextlib.suppress(OSError):
+                    old.rename(out)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:

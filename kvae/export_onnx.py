@@ -11,11 +11,14 @@
   (`<half>[.<precision>].ort`, what a reduced onnxruntime build for a phone loads) with
   onnxruntime's converter, checked against Keras like the .onnx files, and the operators and
   types the .ort files need are written to `required_operators_and_types.config`
-  (contract.ORT_OPERATORS) for a custom build.
+  (contract.ORT_OPERATORS) for a custom build. An ONNX export first removes the folder's .ort
+  files and that config (`remove_ort_files`: they were converted from the .onnx files it
+  replaces), so without `--ort` the folder has none, never stale ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -23,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from kvae import iwae
-from kvae.contract import (CONDITION, INPUT, ORT_FORMAT, ORT_OPERATORS, OUTPUTS, QUANTIZED, filename,
-                           read_manifest, set_onnx_metadata, sha256, update_manifest)
+from kvae.contract import (CONDITION, HALVES, INPUT, ORT_FORMAT, ORT_OPERATORS, OUTPUTS, PRECISIONS,
+                           QUANTIZED, filename, read_manifest, set_onnx_metadata, sha256,
+                           update_manifest)
 from kvae.errors import KVAEError, describe_os_error
 from kvae.export import (Run, export_all, file_entry, load_run, log, manifest_header, metadata,
                          quiet, written_file)
@@ -71,6 +75,8 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
     protos = {}
 
     def write(half: str, precision: str, path: Path, tmp: Path) -> dict:
+        if not protos:  # before the first .onnx file replaces one an .ort file was converted from
+            remove_ort_files(path.parent, reconverted=ort)
         if half not in protos:
             protos[half] = _onnx_model(run, half).SerializeToString()
         fp32 = onnx.ModelProto.FromString(protos[half])
@@ -92,6 +98,38 @@ def export_onnx(run: str | Path | Run, out: str | Path | None = None,
 
     manifest = export_all(run, out, "onnx", quantize, write)
     return export_ort(run, out, quantize) if ort else manifest
+
+
+def remove_ort_files(out: Path, reconverted: bool = False) -> list[str]:
+    """Removes the folder's .ort files (`<half>[.<precision>].ort`) and ORT_OPERATORS, and their
+    manifest entries: an ONNX export replaces the .onnx files they were converted from (tf2onnx's
+    output differs from one export to the next, so even the same Keras files give new .onnx
+    bytes), and a stale .ort file would still be opened by name (kvae.sessions.resolve). They are
+    made again by `--ort` (export_ort): `reconverted` only changes the log line.
+
+    Each file is unlinked (a reader has the whole file or none), the .ort files first and then
+    the config that lists them; the manifest is then rewritten without them (under its lock,
+    atomically, the rest of it as it was). Returns the names removed.
+
+    Raises:
+      OSError: a file could not be removed (export_all reports it in one line).
+    """
+    names = [filename(half, precision, ORT_FORMAT) for half in HALVES for precision in PRECISIONS]
+    removed = [name for name in (*names, ORT_OPERATORS) if (out / name).is_file() or (out / name).is_symlink()]
+    if not removed:
+        return []
+    for name in removed:
+        (out / name).unlink(missing_ok=True)
+    current = {}
+    with contextlib.suppress(ValueError):  # a corrupt manifest: export_all writes a new one
+        current = read_manifest(out)
+    if isinstance(current.get("source"), dict):
+        header = {key: value for key, value in current.items() if key not in ("files", "ort_operators")}
+        update_manifest(out, header, {}, removed=tuple(removed))
+    log(f"kvae.export: removed {', '.join(removed)} (converted from the .onnx files this export "
+        "replaces; " + ("--ort converts the new ones)" if reconverted else
+                        "export again with --ort to convert the new ones)"))
+    return removed
 
 
 def export_ort(run: Run, out: str | Path | None = None,

@@ -16,6 +16,7 @@ FAIL on CI (CI=true).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import http.client
 import http.server
@@ -348,6 +349,65 @@ def test_the_bundle_refuses_with_one_line(site_source, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "encoder.onnx" in err and "to_onnx.py" in err
+
+
+def test_the_bundle_reads_the_manifest_once(site_source, tmp_path, monkeypatch):
+    """The files to copy and the sha256 they are checked against come from one read: a second
+    read could see another export's manifest, or a half-written one (a traceback)."""
+    run, app, export = site_source
+    real, calls = contract.read_manifest, []
+
+    def read_once(folder):
+        calls.append(folder)
+        if len(calls) > 1:
+            raise ValueError(f"{folder}/manifest.json read a second time")
+        return real(folder)
+
+    monkeypatch.setattr(contract, "read_manifest", read_once)
+    written = write_bundle(run, tmp_path / "bundle", app)
+    assert len(calls) == 1 and "export/decoder.ort" in written
+    assert (tmp_path / "bundle" / "export" / "manifest.json").read_bytes() == (export / "manifest.json").read_bytes()
+
+
+def test_a_manifest_rewritten_while_bundling_fails_the_bundle(site_source, tmp_path, monkeypatch):
+    """An export that rewrites the manifest after it was read: its copy would not be the manifest
+    the other files were checked against."""
+    run, app, export = site_source
+    real = contract.read_manifest
+
+    def read_then_rewrite(folder):
+        manifest = real(folder)
+        (Path(folder) / "manifest.json").write_text(json.dumps({**manifest, "files": {}}))
+        return manifest
+
+    monkeypatch.setattr(contract, "read_manifest", read_then_rewrite)
+    with pytest.raises(demo.KVAEError, match="manifest.json changed while it was bundled"):
+        write_bundle(run, tmp_path / "bundle", app)
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle.*"))
+
+
+def test_a_failed_rename_puts_the_earlier_bundle_back(site_source, tmp_path, monkeypatch):
+    """The earlier bundle is moved aside before the new one is renamed into place: if that
+    rename fails, the earlier one goes back (not left at .NAME.old-PID with `out` gone)."""
+    import pathlib
+
+    run, app, _ = site_source
+    out = tmp_path / "www" / "site"
+    write_bundle(run, out, app)
+    before = {rel: (out / rel).read_bytes() for rel in site_tree(out)}
+    rename = pathlib.Path.rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(f".{out.name}.tmp-"):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", failing_rename)
+    with pytest.raises(demo.KVAEError, match="cannot write the site to"):
+        write_bundle(run, out, app)
+    monkeypatch.undo()
+    assert {rel: (out / rel).read_bytes() for rel in site_tree(out)} == before
+    assert sorted(p.name for p in (tmp_path / "www").iterdir()) == ["site"]  # no .site.old-*, .site.tmp-*
 
 
 def test_the_bundle_command(site_source, tmp_path, capsys, monkeypatch):
