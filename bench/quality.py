@@ -41,7 +41,7 @@ import machine  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 GOAL = 89.0  # nats, issue 16
 # The quickstart's defaults before issue 16, where they differ from today's (kvae.config.Config).
-PREVIOUS = {"dropout": 0.0, "prior_components": 0}
+PREVIOUS = {"arch": "conv", "dropout": 0.0, "encoder_noise": 0.0, "free_bits": 0.0, "prior_components": 0}
 
 
 class NLLCurve(keras.callbacks.Callback):
@@ -81,9 +81,8 @@ def sample_measures(vae, fitted: dict | None, n: int, judge, seed: int = 0) -> d
     for name in ("standard", "fitted"):
         if name == "fitted" and fitted is None:
             continue
-        rng = np.random.default_rng(seed)
-        eps = rng.standard_normal((n, vae.latent_dim), np.float32)
-        z = eps if name == "standard" else kprior.sample(fitted, eps, rng)
+        z = kprior.draw(None if name == "standard" else fitted, n, vae.latent_dim,
+                        np.random.default_rng(seed))
         images = np.concatenate([np.asarray(vae.decode(z[i:i + 500])) for i in range(0, n, 500)])
         result[name] = digits.sample_quality(model, images, real.x_val, real.x_vae_train, seed)
     return result

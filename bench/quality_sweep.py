@@ -86,7 +86,8 @@ def main() -> None:
                                    args.k))
     line = {"name": args.name, "train_seconds": round(seconds, 1), "nll": round(held_out["nll"], 2),
             "nll_se": round(held_out["nll_se"], 2), "train_nll": round(train_nll["nll"], 2),
-            "k": args.k, "argv": sys.argv[2:]}
+            "k": args.k, "argv": sys.argv[2:],
+            "config": {k: v for k, v in config.resolved().to_dict().items() if k not in ("out", "data_dir")}}
     if args.samples:
         import digits
         import quality

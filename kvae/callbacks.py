@@ -69,6 +69,7 @@ class RunState(keras.callbacks.Callback):
         self.history: list[dict] = []
         self.lr = math.nan  # of the current epoch's first step
         self.weights: dict[str, str] = {}  # weights file -> sha256, of the latest checkpoint
+        self.seed_states: list[list] = []  # Dropout / GaussianNoise seed states (not in the weights)
         self.previous_weights: dict[str, str] = {}  # ... of the checkpoint before it
 
     def weights_path(self, epoch: int) -> Path:
@@ -129,6 +130,7 @@ class RunState(keras.callbacks.Callback):
         self.best_epoch, self.best_val_loss = record["best_epoch"], record["best_val_loss"]
         self.train_seconds, self.last_logs = record["train_seconds"], record["last_logs"]
         self.weights = dict(record.get("weights", {}))
+        self.seed_states = list(record.get("seed_states", []))
         self.previous_weights = self._previous_weights(folder, self.epochs_done)
         if self.epochs_done and self.config.lr_schedule == "constant":
             vae.optimizer.learning_rate = self.config.lr  # the weights file holds the old run's --lr
@@ -166,6 +168,7 @@ class RunState(keras.callbacks.Callback):
         except Exception as e:  # a run from before the records (no sha256): h5py's errors
             text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             return f"{STATE}/{name} cannot be loaded ({text})"
+        set_seed_states(vae, record.get("seed_states", []))
         return None
 
     def _previous_weights(self, folder: Path, epochs_done: int) -> dict[str, str]:
@@ -214,6 +217,7 @@ class RunState(keras.callbacks.Callback):
             self.weights[best] = self.previous_weights.get(best, "")  # "": from before the records
         self.weights = {name: d for name, d in self.weights.items() if d}
         self.epochs_done, self.last_logs = epoch + 1, logs
+        self.seed_states = seed_states(self.model)
         self.save_progress()
         kept_epochs = range(epoch + 2 - KEEP, epoch + 2)
         kept = {*self.weights, *self.previous_weights, best}
@@ -228,6 +232,8 @@ class RunState(keras.callbacks.Callback):
         progress = {"epochs_done": self.epochs_done, "best_epoch": self.best_epoch,
                     "best_val_loss": self.best_val_loss, "train_seconds": self.train_seconds,
                     "last_logs": self.last_logs, "weights": self.weights}
+        if self.seed_states:
+            progress["seed_states"] = self.seed_states
         text = json.dumps(progress, indent=2) + "\n"
         if self.epochs_done:
             atomic_write_text(self.record_path(self.epochs_done - 1), text)
@@ -291,3 +297,25 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def seed_states(model) -> list[list]:
+    """The states of the model's random-number layers (Dropout, GaussianNoise: Keras
+    SeedGenerators), in the model's variable order. `save_weights` leaves them out, so a resumed
+    run would draw its masks and noise from the first epoch's stream again; the checkpoint record
+    keeps them. (By order, not by name: Keras numbers SeedGenerators process-wide.)"""
+    return [keras.ops.convert_to_numpy(v).tolist() for v in _seed_variables(model)]
+
+
+def set_seed_states(model, states: list[list]) -> None:
+    """Restores `seed_states` (none recorded: a run from before they were, or without such layers)."""
+    variables = _seed_variables(model)
+    if states and len(states) != len(variables):
+        raise KVAEError(f"the checkpoint records {len(states)} random-layer states, the model has "
+                        f"{len(variables)}: it is not this run's model")
+    for v, state in zip(variables, states):
+        v.assign(keras.ops.convert_to_tensor(state, dtype=v.dtype))
+
+
+def _seed_variables(model) -> list:
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]

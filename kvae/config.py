@@ -39,7 +39,7 @@ class Config:
     cache: str = "none"  # cache decoded streamed images (folders, big TFDS): none | memory | PATH prefix
     conditional: bool = False  # condition on the class label: Q(z|X,y), P(X|z,y) (Doersch section 4)
     # Model
-    arch: str = "conv"  # conv (Conv2D / Conv2DTranspose), resnet (conv with a residual block at each scale) or mlp
+    arch: str | None = None  # resnet (conv's encoder, a decoder with residual blocks), conv (Conv2D / Conv2DTranspose only) or mlp; default resnet (measured best), conv with --conditional (what its defaults were measured on)
     latent_dim: int = 32  # size of z
     hidden: int = 256  # width of the dense layer(s) next to z
     filters: int = 16  # conv: channels of the first conv layer (the second has twice as many)
@@ -49,7 +49,7 @@ class Config:
     dropout: float = 0.0  # Dropout rate after each hidden layer of the encoder and decoder (training only; 0 = none)
     encoder_noise: float = 0.0  # std of Gaussian noise on the encoder's input in training (amortized inference regularization; 0 = none)
     free_bits: float = 0.0  # nats per latent dimension the KL term leaves unpenalized (Kingma et al. 2016; 0 = the plain KL)
-    prior_components: int = 100  # Gaussian-mixture components of the sampling prior fitted to the training codes after training (prior.json; 0 = sample from N(0, I) only)
+    prior_components: int | None = None  # Gaussian-mixture components of the sampling prior fitted to the training codes after training (prior.json; 0 = sample from N(0, I) only); default 100, 0 with --conditional (its samples were measured from N(0, I))
     kl_warmup: int | None = None  # epochs over which beta ramps linearly from beta/kl_warmup up to beta; default 80 (long ramps measured best), 0 with --conditional (a ramp lets z carry the class)
     # Optimisation
     epochs: int = 100  # passes over the training split
@@ -84,8 +84,8 @@ class Config:
             (0 <= self.dropout < 1, "--dropout must be in [0, 1)"),
             (self.encoder_noise >= 0, "--encoder-noise must be >= 0"),
             (self.free_bits >= 0, "--free-bits must be >= 0"),
-            (self.prior_components >= 0, "--prior-components must be >= 0"),
-            (self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
+            (self.prior_components is None or self.prior_components >= 0, "--prior-components must be >= 0"),
+            (self.arch is None or self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
             (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {', '.join(LIKELIHOODS)}"),
             (self.binarize in BINARIZE, f"--binarize must be one of {', '.join(BINARIZE)}"),
             (self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant"),
@@ -102,9 +102,26 @@ class Config:
         return repr(getattr(self, name, None))
 
     def resolved(self) -> "Config":
-        """This config with its mode-dependent defaults (beta, kl_warmup) filled in: what a run
+        """This config with its mode-dependent defaults (beta, kl_warmup, arch, prior_components) filled in: what a run
         saves as config.json, so the folder says what it trained with and a resume keeps it."""
-        return dataclasses.replace(self, beta=self.resolved_beta, kl_warmup=self.resolved_kl_warmup)
+        return dataclasses.replace(self, beta=self.resolved_beta, kl_warmup=self.resolved_kl_warmup,
+                                   arch=self.resolved_arch, prior_components=self.resolved_prior_components)
+
+    @property
+    def resolved_arch(self) -> str:
+        """The architecture actually used: resnet, or conv for a conditional model (whose
+        defaults, beta and warm-up, were measured with it: docs/benchmarks.md)."""
+        if self.arch is not None:
+            return self.arch
+        return "conv" if self.conditional else "resnet"
+
+    @property
+    def resolved_prior_components(self) -> int:
+        """The sampling prior's components actually fitted: 100, or 0 (N(0, I)) for a
+        conditional model, whose class-by-class samples were measured from N(0, I)."""
+        if self.prior_components is not None:
+            return self.prior_components
+        return 0 if self.conditional else 100
 
     @property
     def resolved_beta(self) -> float:

@@ -44,6 +44,7 @@ CONDITION = "y"  # the second input of a conditional model's halves: one-hot (ba
 OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
 MANIFEST = "manifest.json"
 PRIOR = "prior.json"  # the fitted sampling prior, in the run folder and next to the exported decoder
+PRIOR_ENTRY = "prior"  # the manifest header's entry naming it: {"file": PRIOR, "sha256", "components"}
 TFLITE_METADATA = "kvae"  # the name of kvae's entry in a .tflite file's metadata table
 _TFLITE_IDENTIFIER = b"TFL3"
 

@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 
 from kvae import iwae, runs
-from kvae.contract import (CONDITION, HALVES, INPUT, OUTPUTS, PRIOR, QUANTIZED, filename, inputs,
-                           sha256, update_manifest)
+from kvae.contract import (CONDITION, HALVES, INPUT, OUTPUTS, PRIOR, PRIOR_ENTRY, QUANTIZED, filename,
+                           inputs, sha256, update_manifest)
 from kvae.errors import KVAEError, describe_os_error
 from kvae.files import atomic_path, remove_stale_temps
 
@@ -263,10 +263,16 @@ def read_prior(run: Path, latent_dim: int) -> dict | None:
 
     if not (run / PRIOR).exists():
         return None
+    again = f"python -m kvae.fit --resume --out {run} fits it again (or delete it to export without one)"
     try:
-        return prior.read(run / PRIOR, latent_dim)
+        fitted = prior.read(run / PRIOR, latent_dim)
     except ValueError as e:
-        raise KVAEError(f"{e}: train the run again, or delete it to export without a fitted prior") from None
+        raise KVAEError(f"{e}: {again}") from None
+    source = fitted.get("source", {}).get("encoder.keras")
+    if source is not None and source != sha256(run / "encoder.keras"):
+        raise KVAEError(f"{run / PRIOR} was fitted to another training of this run (its encoder.keras "
+                        f"differs): {again}")
+    return fitted
 
 
 def keras_decode(decoder) -> Callable:
@@ -363,8 +369,8 @@ def manifest_header(run: Run) -> dict:
     if run.num_classes:
         header.update(conditional=True, classes=list(run.class_names))
     if run.prior is not None:
-        header["prior"] = {"file": PRIOR, "sha256": sha256(run.path / PRIOR),
-                           "components": len(run.prior["weights"])}
+        header[PRIOR_ENTRY] = {"file": PRIOR, "sha256": sha256(run.path / PRIOR),
+                               "components": len(run.prior["weights"])}
     return header
 
 
@@ -434,7 +440,6 @@ def export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)  # files a killed export was writing
-        copy_prior(run, out)
         with tempfile.TemporaryDirectory(prefix="kvae-export-") as tmp:
             for half in HALVES:
                 for precision in precisions:
@@ -448,7 +453,12 @@ def export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
     finally:
         if name is not None:  # failed: keep what passed, forget the failed file
             with contextlib.suppress(OSError):
+                copy_prior(run, out)
                 update_manifest(out, header, entries, removed=(name,))
+    try:  # last, next to the manifest that names it: the old manifest and prior stay a pair till then
+        copy_prior(run, out)
+    except OSError as e:
+        raise KVAEError(f"cannot write to {out}: {describe_os_error(e)}") from None
     return update_manifest(out, header, entries)
 
 

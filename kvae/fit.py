@@ -321,14 +321,16 @@ def finish(vae, dataset, config: Config, state) -> dict:
     fitted = fit_prior(vae, dataset, config)
     if fitted is None:
         (out / kprior.FILE).unlink(missing_ok=True)
-    else:
+    else:  # names the encoder it was fitted with: a prior left by an earlier training is refused
+        from kvae.contract import sha256
+
+        fitted["source"] = {"encoder.keras": sha256(out / "encoder.keras")}
         kprior.write(out / kprior.FILE, fitted)
     x = kdata.to_unit(dataset.x_val[:32])
     rng = np.random.default_rng(config.seed)
 
     def draw(n):  # z from the sampling prior: the fitted one, else N(0, I)
-        eps = rng.standard_normal((n, vae.latent_dim), np.float32)
-        return eps if fitted is None else kprior.sample(fitted, eps, rng)
+        return kprior.draw(fitted, n, vae.latent_dim, rng)
 
     if vae.num_classes:  # one row per class (up to 10 shown), 8 samples each
         shown = min(vae.num_classes, 10)
@@ -398,10 +400,10 @@ def fit_prior(vae, dataset, config: Config) -> dict | None:
     """The sampling prior (kvae.prior) fitted to `training_codes`; None with --prior-components 0."""
     from kvae import prior as kprior
 
-    if not config.prior_components:
+    if not config.resolved_prior_components:
         return None
     codes = training_codes(vae, dataset, config)
-    fitted = kprior.fit(codes, config.prior_components, seed=config.seed)
+    fitted = kprior.fit(codes, config.resolved_prior_components, seed=config.seed)
     fitted["fitted_on"] = f"posterior means of {len(codes)} training images of {config.dataset}"
     return fitted
 

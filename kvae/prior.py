@@ -13,7 +13,8 @@ P(z) = N(0, I). `kvae.runtime` samples from it when present (prior="fitted"), or
 with prior="standard".
 
 prior.json: {"kind": "gaussian-mixture-diag", "weights": [K], "loc": [K][latent_dim],
-"scale": [K][latent_dim], "fitted_on": str}.
+"scale": [K][latent_dim], "fitted_on": str, "source": {"encoder.keras": sha256}} (the encoder
+whose codes it was fitted to: kvae.export refuses a prior from another training).
 """
 
 from __future__ import annotations
@@ -83,6 +84,14 @@ def _em(x, k, rng, iterations, tol):
     return float(_logsumexp(_component_log_density(x, weights, loc, var)).mean()), weights, loc, var
 
 
+def draw(prior: dict | None, n: int, latent_dim: int, rng: np.random.Generator) -> np.ndarray:
+    """z (n, latent_dim) float32: eps ~ N(0, I) from `rng`, then through `sample` when a prior
+    is given (None: z = eps, the model's prior). Every sampler in kvae draws this way, so one
+    seed gives the same z in kvae.fit's samples.png, kvae.runtime and the benchmarks."""
+    eps = rng.standard_normal((n, latent_dim), dtype=np.float32)
+    return eps if prior is None else sample(prior, eps, rng)
+
+
 def sample(prior: dict, eps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """z (n, D) float32 from the mixture: component k with probability weights[k] (drawn with
     `rng`), z = loc[k] + scale[k] * eps."""
@@ -100,7 +109,8 @@ def check(prior: dict, latent_dim: int, source) -> dict:
         loc, scale = np.asarray(prior["loc"], np.float64), np.asarray(prior["scale"], np.float64)
         ok = (prior.get("kind") == KIND and weights.ndim == 1 and len(weights) >= 1
               and loc.shape == scale.shape == (len(weights), latent_dim)
-              and np.all(weights >= 0) and weights.sum() > 0 and np.all(scale > 0)
+              and np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0
+              and np.all(scale > 0)
               and np.all(np.isfinite(loc)) and np.all(np.isfinite(scale)))
     except (KeyError, TypeError, ValueError, AttributeError):
         ok = False

@@ -16,11 +16,12 @@ runtime module is imported only when a file of its format is opened. latent_dim,
 likelihood come from `manifest.json` beside the file (written by the export scripts), else from
 the ONNX file's metadata, else from the model's input and output shapes.
 
-Sampling draws eps ~ N(0, I) on the host with numpy's Generator and feeds it as z: a seed gives
-the same images in every process, no seed gives new ones. When the export has a fitted sampling
-prior (`prior.json`, named in the manifest; kvae.prior) z comes from it (`prior="fitted"`, the
-default then), else, or with `prior="standard"`, z = eps ~ N(0, I), the model's own prior. (Random ops inside the exported graph
-replay one sequence per onnxruntime session and cannot take a seed: docs/design.md, "Random ops".)
+Sampling draws z on the host with numpy's Generator: a seed gives the same images in every
+process, no seed gives new ones. When the export has a fitted sampling prior (`prior.json`,
+named in the manifest; kvae.prior) z comes from it (`prior="fitted"`, the default then), else,
+or with `prior="standard"`, z = eps ~ N(0, I), the model's own prior. (Random ops inside the
+exported graph replay one sequence per onnxruntime session and cannot take a seed:
+docs/design.md, "Random ops".)
 
 Nothing here imports TensorFlow, and `import kvae.runtime` imports only numpy.
 """
@@ -34,7 +35,7 @@ import numpy as np
 
 from kvae import contract, iwae, sessions
 from kvae.runtime_inputs import (as_array, check_images, check_latents, check_output, condition,
-                                 draw_eps, generator)
+                                 generator)
 from kvae.sessions import RuntimeInputError, Session, manifest_entry, resolve
 
 SIGNATURES = {half: ((contract.INPUT[half],), contract.OUTPUTS[half]) for half in contract.HALVES}
@@ -82,8 +83,9 @@ class _Half:
         self.latent_dim: int = self.info["latent_dim"]
         self.image_shape: tuple[int, int, int] = tuple(self.info["image_shape"])
         self.classes: tuple[str, ...] = tuple(self.info["classes"])  # () unless conditional
-        # the decoder's fitted sampling prior (kvae.prior) when the export has one
-        self.prior: dict | None = _fitted_prior(path, manifest, self.latent_dim) if self.half == "decoder" else None
+        # the manifest's entry of the decoder's fitted sampling prior (read when first sampled)
+        self._prior_entry = manifest.get(contract.PRIOR_ENTRY) if self.half == "decoder" else None
+        self._prior: dict | None = None
 
     @property
     def format(self) -> str:
@@ -180,17 +182,19 @@ def _describe(manifest: dict, entry: dict | None, meta: dict, session: Session, 
     return info
 
 
-def _fitted_prior(path: Path, manifest: dict, latent_dim: int) -> dict | None:
-    """The prior the manifest names (kvae.prior), its sha256 checked; None when it names none."""
+def _fitted_prior(path: Path, entry, latent_dim: int) -> dict:
+    """The prior a manifest entry names (kvae.prior), its name and sha256 checked."""
     from kvae import prior as kprior
 
-    entry = manifest.get("prior")
-    if not entry:
-        return None
-    file = Path(path).parent / str(entry.get("file", contract.PRIOR))
+    folder = Path(path).parent
+    if not isinstance(entry, dict) or entry.get("file") != contract.PRIOR:
+        raise RuntimeInputError(f"{folder / contract.MANIFEST}: its {contract.PRIOR_ENTRY!r} entry must "
+                                f"name {contract.PRIOR} (got {entry!r:.80}); export the run again")
+    file = folder / contract.PRIOR
     if not file.is_file():
-        raise RuntimeInputError(f"{file} is missing: {Path(path).parent / contract.MANIFEST} names it "
-                                "as the fitted prior; export the run again")
+        raise RuntimeInputError(f"{file} is missing: {folder / contract.MANIFEST} names it as the "
+                                "fitted prior; copy it with the decoder, export the run again, or "
+                                "sample with prior='standard'")
     if contract.sha256(file) != entry.get("sha256"):
         raise RuntimeInputError(f"{file} does not match the sha256 in its manifest: export the run again")
     try:
@@ -266,20 +270,29 @@ class Decoder(_Half):
         """z (n, latent_dim) float32 from the sampling prior (see `sample`)."""
         from kvae import prior as kprior
 
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise RuntimeInputError(f"n must be a non-negative integer, got {n!r}")
         prior = self.sampling_prior if prior is None else prior
         if prior not in kprior.PRIORS:
             raise RuntimeInputError(f"prior must be one of {', '.join(kprior.PRIORS)}, got {prior!r}")
-        if prior == "fitted" and self.prior is None:
+        if prior == "fitted" and self._prior_entry is None:
             raise RuntimeInputError(f"{self.path} has no fitted prior (no prior.json in its manifest): "
                                     "sample with prior='standard', or train with --prior-components")
-        rng = generator(seed)
-        eps = draw_eps(rng, (n, self.latent_dim))
-        return eps if prior == "standard" else kprior.sample(self.prior, eps, rng)
+        return kprior.draw(self.prior if prior == "fitted" else None, int(n), self.latent_dim,
+                           generator(seed))
+
+    @property
+    def prior(self) -> dict | None:
+        """The export's fitted sampling prior (prior.json, checked against the manifest's sha256
+        when first used), or None when the manifest names none."""
+        if self._prior is None and self._prior_entry is not None:
+            self._prior = _fitted_prior(self.path, self._prior_entry, self.latent_dim)
+        return self._prior
 
     @property
     def sampling_prior(self) -> str:
         """What `sample` draws z from by default: "fitted" when the export has a prior, else "standard"."""
-        return "standard" if self.prior is None else "fitted"
+        return "standard" if self._prior_entry is None else "fitted"
 
 
 class Encoder(_Half):

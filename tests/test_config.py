@@ -81,3 +81,15 @@ def test_help_explains_every_flag(capsys):
                  "--resume"):
         assert flag in text
     assert "size of z" in text  # the field's comment became its help
+
+
+def test_mode_dependent_defaults_resolve():
+    """resnet and a fitted prior of 100 components by default; conv and N(0, I) under
+    --conditional (what its defaults were measured with); given values are kept."""
+    plain, conditional = Config(), Config(conditional=True)
+    assert (plain.resolved_arch, plain.resolved_prior_components) == ("resnet", 100)
+    assert (conditional.resolved_arch, conditional.resolved_prior_components) == ("conv", 0)
+    mine = Config(conditional=True, arch="resnet", prior_components=7)
+    assert (mine.resolved_arch, mine.resolved_prior_components) == ("resnet", 7)
+    saved = Config(conditional=True).resolved()
+    assert (saved.arch, saved.prior_components, saved.beta, saved.kl_warmup) == ("conv", 0, 1.25, 0)

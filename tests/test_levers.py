@@ -3,6 +3,8 @@ training only and are no-ops when off; --arch resnet is a conv model with residu
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -80,7 +82,8 @@ def test_resnet_shapes_and_blocks(shape):
     vae = small("resnet", shape=shape)
     adds = [layer for part in (vae.encoder, vae.decoder_net) for layer in part.layers
             if type(layer).__name__ == "Add"]
-    assert len(adds) == 4  # one residual block per scale in each half
+    assert len(adds) == 2  # the decoder's residual blocks, at 1/4 and 1/2 of the image's size
+    assert not [layer for layer in vae.encoder.layers if type(layer).__name__ == "Add"]
     x = tf.random.uniform((3, *shape))
     loc, scale = vae.encode(x)
     assert loc.shape == scale.shape == (3, 5) and np.all(scale.numpy() > 0)
@@ -114,3 +117,21 @@ def test_kl_divergence_of_the_posterior_is_tfp():
     layer = Posterior(free_bits=1e-9)
     layer([tf.constant(loc), tf.constant(scale)])
     np.testing.assert_allclose(float(layer.losses[0]), float(tf.reduce_mean(tfd.kl_divergence(q, p))), rtol=1e-5)
+
+
+def test_resume_with_dropout_and_noise_equals_an_uninterrupted_run(tmp_path):
+    """Dropout's and GaussianNoise's seed states are not in the weights: the checkpoint record
+    keeps them (kvae.callbacks.seed_states), so a resumed run draws the same masks and noise."""
+    from kvae.fit import fit
+    from kvae.model import load_vae
+
+    base = dict(arch="conv", epochs=2, latent_dim=4, hidden=16, filters=4, eval_k=0, batch_size=256,
+                prior_components=0, kl_warmup=0, lr_schedule="constant", **LEVERS)  # a schedule spans --epochs
+    fit(Config(**base, out=str(tmp_path / "whole")))
+    fit(Config(**{**base, "epochs": 1}, out=str(tmp_path / "split")))
+    record = (tmp_path / "split" / "state" / "progress.json").read_text()
+    assert len(json.loads(record)["seed_states"]) == 8  # GaussianNoise and 7 Dropouts
+    fit(Config(**base, out=str(tmp_path / "split")), resume=True)
+    whole, split = (load_vae(tmp_path / name / "vae.keras") for name in ("whole", "split"))
+    for a, b in zip(whole.weights, split.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)

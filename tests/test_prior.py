@@ -122,7 +122,9 @@ def test_fitted_prior_draws_where_the_codes_are(exported_run):
     assert kprior.log_density(judge, fitted).mean() > kprior.log_density(judge, standard).mean() + 1
 
 
-def test_tampered_or_missing_prior_is_one_line(exported_run, tmp_path):
+def test_tampered_or_missing_prior_fails_sampling_only_in_one_line(exported_run, tmp_path):
+    """A decoder copied without its prior.json (or with another one) still decodes and samples
+    from N(0, I); only sampling from the fitted prior refuses, in one line."""
     from kvae.runtime import Decoder, RuntimeInputError
 
     folder = tmp_path / "export"
@@ -130,11 +132,29 @@ def test_tampered_or_missing_prior_is_one_line(exported_run, tmp_path):
     fitted = json.loads((folder / contract.PRIOR).read_text())
     fitted["weights"][0] += 0.01
     (folder / contract.PRIOR).write_text(json.dumps(fitted))
-    with pytest.raises(RuntimeInputError, match="does not match the sha256"):
-        Decoder(folder / "decoder.onnx")
-    (folder / contract.PRIOR).unlink()
-    with pytest.raises(RuntimeInputError, match="prior.json is missing"):
-        Decoder(folder / "decoder.onnx")
+    for broken in ("changed", "missing"):
+        if broken == "missing":
+            (folder / contract.PRIOR).unlink()
+        decoder = Decoder(folder / "decoder.onnx")
+        assert decoder.sampling_prior == "fitted"
+        assert decoder.sample(2, seed=0, prior="standard").shape == (2, 28, 28, 1)
+        assert decoder.decode(np.zeros((1, 8), np.float32)).shape == (1, 28, 28, 1)
+        match = "does not match the sha256" if broken == "changed" else "prior.json is missing"
+        with pytest.raises(RuntimeInputError, match=match) as error:
+            decoder.sample(2, seed=0)
+        assert "\n" not in str(error.value)
+
+
+def test_manifest_prior_entry_must_name_prior_json(exported_run, tmp_path):
+    from kvae.runtime import Decoder, RuntimeInputError
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_run("conv") / "export", folder)
+    manifest = json.loads((folder / contract.MANIFEST).read_text())
+    for entry in ({**manifest["prior"], "file": "../prior.json"}, "prior.json"):
+        (folder / contract.MANIFEST).write_text(json.dumps({**manifest, "prior": entry}))
+        with pytest.raises(RuntimeInputError, match="entry must name prior.json"):
+            Decoder(folder / "decoder.onnx").sample(1)
 
 
 def test_without_a_prior(trained_run, tmp_path):
@@ -158,15 +178,24 @@ def test_without_a_prior(trained_run, tmp_path):
     assert not (out / contract.PRIOR).exists()
 
 
-def test_broken_prior_stops_the_export_in_one_line(trained_run, tmp_path):
+def test_broken_or_stale_prior_stops_the_export_in_one_line(trained_run, tmp_path):
     from kvae import export
     from kvae.errors import KVAEError
 
     run = tmp_path / "run"
     shutil.copytree(trained_run("conv"), run, ignore=shutil.ignore_patterns("export"))
+    good = (run / contract.PRIOR).read_text()
+    assert json.loads(good)["source"] == {"encoder.keras": contract.sha256(run / "encoder.keras")}
     (run / contract.PRIOR).write_text('{"kind": "gaussian-mixture-diag", "weights": [1]}')
     with pytest.raises(KVAEError, match="is not a kvae prior over 8 latent dimensions"):
         export.load_run(run)
+    # a prior fitted to another training's encoder (a --resume killed between the two writes)
+    stale = json.loads(good)
+    stale["source"]["encoder.keras"] = "0" * 64
+    (run / contract.PRIOR).write_text(json.dumps(stale))
+    with pytest.raises(KVAEError, match="was fitted to another training of this run") as error:
+        export.load_run(run)
+    assert "--resume" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_sample_cli_prior_flag(exported_run, tmp_path):
