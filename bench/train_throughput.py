@@ -139,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is excluded)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating (reference, kvae) pairs")
-    parser.add_argument("--arch", default="conv", choices=("conv", "mlp"))
+    parser.add_argument("--arch", default="conv", choices=("conv", "resnet", "mlp"))
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps-per-execution", type=int, default=Config.steps_per_execution,
                         help="kvae's --steps-per-execution (default: kvae's; results of another "

@@ -378,11 +378,12 @@ def train(mnist, conditional: bool):
     return vae
 
 
-def decoder_ignoring_y(image_shape, latent_dim, arch="conv", hidden=256, filters=32, num_classes=0):
+def decoder_ignoring_y(image_shape, latent_dim, arch="conv", hidden=256, filters=32, num_classes=0,
+                       dropout=0.0):
     """kvae.model.build_decoder_net with y never wired in: it takes [z, y] and uses z only."""
     import keras
 
-    net = build_decoder_net(image_shape, latent_dim, arch, hidden, filters)  # P(X|z)
+    net = build_decoder_net(image_shape, latent_dim, arch, hidden, filters, dropout=dropout)  # P(X|z)
     z, y = keras.Input((latent_dim,), name="z"), keras.Input((num_classes,), name="y")
     return keras.Model([z, y], net(z), name="decoder_net")
 
