@@ -318,4 +318,4 @@ def set_seed_states(model, states: list[list]) -> None:
 
 
 def _seed_variables(model) -> list:
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+    return [v for v in getattr(model, "variables", ()) if v.path.endswith("seed_generator_state")]
