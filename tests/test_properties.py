@@ -312,9 +312,10 @@ def test_encode_refuses_every_invalid_image(vaes, fmt, x):
 @settings(max_examples=40, **SETTINGS)
 @given(n=counts(0, 6), seed=st.one_of(st.none(), SEEDS, SEEDS.map(lambda s: ("generator", int(s)))))
 def test_sample_takes_every_valid_n_and_seed(vaes, files, n, seed):
-    """n images, equal to decoding eps ~ N(0, I) drawn by numpy's Generator from the same seed."""
+    """n images, equal to decoding eps ~ N(0, I) drawn by numpy's Generator from the same seed
+    (prior="standard"; the fitted prior's draws are tests/test_prior.py's)."""
     given_seed = np.random.default_rng(seed[1]) if isinstance(seed, tuple) else seed
-    images = vaes["onnx"].sample(n, seed=given_seed)
+    images = vaes["onnx"].sample(n, seed=given_seed, prior="standard")
     images_in_unit_range(images, (int(n), *IMAGE))
     if seed is not None:
         same = seed[1] if isinstance(seed, tuple) else seed
