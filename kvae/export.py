@@ -453,7 +453,8 @@ def export_all(run: Run, out, fmt: str, quantize, write: Callable) -> dict:
     finally:
         if name is not None:  # failed: keep what passed, forget the failed file
             with contextlib.suppress(OSError):
-                copy_prior(run, out)
+                if entries:  # the prior goes with files that passed, never alone
+                    copy_prior(run, out)
                 update_manifest(out, header, entries, removed=(name,))
     try:  # last, next to the manifest that names it: the old manifest and prior stay a pair till then
         copy_prior(run, out)

@@ -665,9 +665,11 @@ def test_tflite_script_arguments(monkeypatch, argv, quantize, batches, int8):
                                                 (["--int8", "dynamic"], ("fp16", "int8"), "dynamic")])
 def test_onnx_script_arguments(monkeypatch, argv, quantize, int8):
     calls = []
-    monkeypatch.setattr(export_onnx, "export_onnx", lambda *a: calls.append(a))
+    monkeypatch.setattr(export_onnx, "export_onnx", lambda *a, **kw: calls.append((a, kw)))
     _load_script("export/to_onnx.py").main(["RUN", *argv])
-    assert calls == [("RUN", None, quantize, int8)]
+    _load_script("export/to_onnx.py").main(["RUN", *argv, "--ort"])
+    assert calls == [(("RUN", None, quantize, int8), {"ort": False}),
+                     (("RUN", None, quantize, int8), {"ort": True})]
 
 
 @pytest.fixture(scope="session")
