@@ -301,10 +301,11 @@ def test_conditional_halves_take_the_label(arch):
         vae.encode(x)
 
 
-def test_conditional_train_step_reaches_every_variable():
+@pytest.mark.parametrize("arch", ["mlp", "resnet"])  # resnet: y reaches its residual blocks too
+def test_conditional_train_step_reaches_every_variable(arch):
     import tensorflow as tf
 
-    vae = small_vae("mlp", num_classes=3)
+    vae = small_vae(arch, num_classes=3)
     x = (np.random.default_rng(1).random((8, 28, 28, 1)) > 0.5).astype(np.float32)
     y = kdata.one_hot(np.arange(8) % 3, 3)
     with tf.GradientTape() as tape:
