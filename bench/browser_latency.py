@@ -293,7 +293,9 @@ def main(argv=None) -> None:
             f"{result['machine']['loadavg_1_5_15'][0]:.2f}")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        from kvae.files import atomic_write_text
+
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         log(f"browser_latency: wrote {out}")
 
 

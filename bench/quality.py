@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> None:
               "(measured side by side in this run)")
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    from kvae.files import atomic_write_text
+
+    atomic_write_text(results_dir / "quality.json", json.dumps(result, indent=2) + "\n")
     plot(results, results_dir / "quality.png")
 
 

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     record = {"run": str(run), "config": config.to_dict(), "n_codes": len(codes),
               "machine": machine.describe(), "rows": rows}
-    (results / "sampling_prior.json").write_text(json.dumps(record, indent=2) + "\n")
+    from kvae.files import atomic_write_text
+
+    atomic_write_text(results / "sampling_prior.json", json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

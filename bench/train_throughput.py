@@ -187,7 +187,9 @@ def main() -> None:
     name = "train_throughput.json" if spe == Config.steps_per_execution else f"train_throughput-spe{spe}.json"
     path = Path(args.results) if args.results else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    from kvae.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
 
