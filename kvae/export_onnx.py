@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from kvae import iwae
-from kvae.contract import (CONDITION, HALVES, INPUT, ORT_ENTRY, ORT_FORMAT, ORT_OPERATORS, OUTPUTS,
-                           PRECISIONS, QUANTIZED, filename, read_manifest, set_onnx_metadata, sha256,
+from kvae.contract import (CONDITION, HALVES, INPUT, ORT_FORMAT, ORT_OPERATORS, ORT_OPERATORS_ENTRY,
+                           OUTPUTS, PRECISIONS, QUANTIZED, filename, read_manifest, set_onnx_metadata, sha256,
                            update_manifest)
 from kvae.errors import KVAEError, describe_os_error
 from kvae.export import (Run, export_all, file_entry, load_run, log, manifest_header, metadata,
@@ -124,7 +124,8 @@ def remove_ort_files(out: Path, reconverted: bool = False) -> list[str]:
     with contextlib.suppress(ValueError):  # a corrupt manifest: export_all writes a new one
         current = read_manifest(out)
     if isinstance(current.get("source"), dict):
-        header = {key: value for key, value in current.items() if key not in ("files", ORT_ENTRY)}
+        header = {key: value for key, value in current.items()
+                  if key not in ("files", ORT_OPERATORS_ENTRY)}
         update_manifest(out, header, {}, removed=tuple(removed))
     log(f"kvae.export: removed {', '.join(removed)} (converted from the .onnx files this export "
         "replaces; " + ("--ort converts the new ones)" if reconverted else
@@ -142,7 +143,7 @@ def export_ort(run: Run, out: str | Path | None = None,
     Keras under the .onnx bounds (quantized files get their own NLL change) before it gets its
     final name, as every exported file (kvae.export.export_all). Then ORT_OPERATORS lists the
     operators and types every .ort file of the folder needs, named in the manifest's header
-    under ORT_ENTRY. The .onnx files are only read.
+    under ORT_OPERATORS_ENTRY. The .onnx files are only read.
 
     Raises:
       KVAEError: an .onnx file is missing, a conversion failed, or a file failed its self-check.
@@ -179,7 +180,7 @@ def export_ort(run: Run, out: str | Path | None = None,
         raise KVAEError(f"cannot write to {out}: {describe_os_error(e)}") from None
     log(f"kvae.export: wrote {ORT_OPERATORS} (the operators and types of {', '.join(models)}, "
         "for a reduced onnxruntime build)")
-    return update_manifest(out, {**manifest_header(run), ORT_ENTRY: operators}, {})
+    return update_manifest(out, {**manifest_header(run), ORT_OPERATORS_ENTRY: operators}, {})
 
 
 def ort_bytes(source: Path, folder: Path, level: str) -> bytes:
