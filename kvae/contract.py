@@ -94,6 +94,14 @@ def _locked(out: Path):
         os.close(fd)  # releases the lock
 
 
+def header_files(manifest: dict) -> dict[str, dict]:
+    """The manifest header's entries that name a file ({"file": NAME, ...}: PRIOR_ENTRY,
+    ORT_OPERATORS_ENTRY), by their key. The files of an export are these and `files`' entries
+    (mobile_demo/app.js's offlineFiles reads the same rule)."""
+    return {key: value for key, value in manifest.items()
+            if key != "files" and isinstance(value, dict) and isinstance(value.get("file"), str)}
+
+
 def update_manifest(out: str | Path, header: dict, entries: dict[str, dict], removed: tuple = ()) -> dict:
     """Merges `entries` into out/manifest.json (atomically, under a lock) and returns it.
 
@@ -109,9 +117,8 @@ def update_manifest(out: str | Path, header: dict, entries: dict[str, dict], rem
             current = read_manifest(out)
         same_model = current.get("source") == header["source"]
         files = current.get("files", {}) if same_model else {}
-        named = {key: value for key, value in current.items()
-                 if same_model and key not in header and key != "files" and isinstance(value, dict)
-                 and isinstance(value.get("file"), str) and (out / value["file"]).is_file()}
+        named = {key: value for key, value in header_files(current).items()
+                 if same_model and key not in header and (out / value["file"]).is_file()}
         stale = sorted(set(current.get("files", {})) - set(files))
         if stale:
             print(f"kvae.export: dropped manifest entries from an older model: {', '.join(stale)} "

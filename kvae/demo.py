@@ -249,7 +249,7 @@ def bundle_files(run: str | Path, app_dir: Path = APP_DIR) -> tuple[dict[str, Pa
     site = {name: app_dir / name for name in APP_FILES}
     site.update({f"ort/{name}": ort_dir(app_dir) / name for name in ORT_FILES})
     entries = {**manifest.get("files", {}),
-               **{v["file"]: v for v in manifest.values() if isinstance(v, dict) and isinstance(v.get("file"), str)}}
+               **{v["file"]: v for v in contract.header_files(manifest).values()}}
     digests = {f"export/{contract.MANIFEST}": manifest_digest}
     for name in (contract.MANIFEST, *entries):
         if Path(name).name != name or name.startswith("."):

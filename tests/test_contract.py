@@ -100,3 +100,12 @@ def test_manifest_entries_of_an_older_model_are_dropped(tmp_path, capsys):
     merged = contract.update_manifest(tmp_path, {"source": {"x": "2"}}, {})
     assert merged["files"] == {} and "dropped manifest entries from an older model: a.onnx" in capsys.readouterr().out
     assert json.loads((tmp_path / "manifest.json").read_text()) == merged
+
+
+def test_header_files_are_the_header_entries_that_name_a_file():
+    manifest = {"source": {"encoder.keras": "ab"}, contract.PRIOR_ENTRY: {"file": contract.PRIOR, "sha256": "c"},
+                contract.ORT_OPERATORS_ENTRY: {"file": contract.ORT_OPERATORS, "models": []},
+                "classes": ["0", "1"], "odd": {"file": 3}, "files": {"file": {"file": "x.onnx"}}}
+    assert contract.header_files(manifest) == {
+        contract.PRIOR_ENTRY: manifest[contract.PRIOR_ENTRY],
+        contract.ORT_OPERATORS_ENTRY: manifest[contract.ORT_OPERATORS_ENTRY]}
