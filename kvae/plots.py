@@ -101,7 +101,8 @@ def latent_scatter(loc: np.ndarray, labels, path: str | Path) -> Path:
         title += f" (PCA to 2-D, {share:.0%} of variance)"
     fig, ax = plt.subplots(figsize=(6, 5))
     colours = None if labels is None else np.asarray(labels)
-    sc = ax.scatter(points[:, 0], points[:, 1], c=colours, cmap="tab10", s=6, alpha=0.8)
+    sc = ax.scatter(points[:, 0], points[:, 1], c=colours, s=6, alpha=0.8,
+                    **({} if colours is None else {"cmap": "tab10"}))  # a cmap without labels warns
     if colours is not None:
         fig.colorbar(sc, ax=ax, label="label")
     ax.set_title(title, fontsize=10)

@@ -9,7 +9,7 @@
   produces a complete export folder whose files match the manifest and run.
 
 Every kill waits for an event, not for a time: a line the child prints, or a child stopped in the
-middle of a write (PAUSING below), so a fast or a slow machine kills at the same points.
+middle of a write (tests/children.py), so a fast or a slow machine kills at the same points.
 
 Every artifact is written to a temporary name in its folder and renamed (kvae.files.atomic_path);
 a killed writer's `.tmp-<pid>-*` leftovers are removed by the next run in that folder.
@@ -21,116 +21,15 @@ import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from children import Child
+
 EPOCHS = 6
 SEED = int(os.environ.get("KVAE_CRASH_SEED", "2024"))  # seeds the kill points (printed on failure)
-WAIT = 600  # seconds: a safety net for a child that hangs, never a speed goal
-
-# Runs `-m kvae.fit ...` or an export script like `python` does, except that the n-th atomic write
-# of a file whose name matches KVAE_PAUSE_AT="<glob>:<n>" stops half-way: its temporary file keeps
-# the first half of its bytes, "PAUSED <temporary file>" goes to stdout, and the process waits to
-# be killed. So a kill lands in the middle of writing that file on any machine, fast or slow.
-PAUSING = """
-import contextlib, fnmatch, os, runpy, sys, time
-from pathlib import Path
-import kvae.files
-
-pattern, nth = os.environ["KVAE_PAUSE_AT"].rsplit(":", 1)
-real_atomic_path, seen = kvae.files.atomic_path, []
-
-@contextlib.contextmanager
-def atomic_path(path):
-    with real_atomic_path(path) as tmp:
-        yield tmp
-        if fnmatch.fnmatch(Path(path).name, pattern):
-            seen.append(path)
-            if len(seen) == int(nth):
-                data = tmp.read_bytes()
-                tmp.write_bytes(data[: len(data) // 2])
-                print(f"PAUSED {tmp}", flush=True)
-                while True:
-                    time.sleep(60)
-
-kvae.files.atomic_path = atomic_path  # before kvae.fit / kvae.export import it by name
-if sys.argv[1] == "-m":
-    sys.argv = sys.argv[2:]
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-else:
-    sys.argv = sys.argv[1:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-class Child:
-    """A `python ...` child process whose stdout lines are collected as they come.
-
-    Args:
-      args: the arguments after `python`.
-      pause_at: "<glob>:<n>": pause the n-th write of a matching file half-way (see PAUSING).
-    """
-
-    def __init__(self, args: list[str], pause_at: str | None = None):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if pause_at:
-            env["KVAE_PAUSE_AT"] = pause_at
-            args = ["-c", PAUSING, *args]
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line.rstrip("\n"))
-                self.changed.notify_all()
-        with self.changed:
-            self.ended = True
-            self.changed.notify_all()
-
-    ended = False
-
-    def wait_for_line(self, text: str, count: int = 1) -> str | None:
-        """Blocks until the child has printed `count` lines containing `text`; returns the last
-        of them, or None if the child's output ended first."""
-        with self.changed:
-            self.changed.wait_for(lambda: self.ended or len(self._matching(text)) >= count, timeout=WAIT)
-            found = self._matching(text)
-            return found[count - 1] if len(found) >= count else None
-
-    def _matching(self, text: str) -> list[str]:
-        return [line for line in self.lines if text in line]
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> bool:
-        """SIGKILL now; True if it was still running (the kill happened)."""
-        alive = self.running()
-        if alive:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.reader.join(timeout=10)
-        return alive
-
-    def finish(self, timeout: float = WAIT) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
-        return code
-
-    def output(self) -> str:
-        return "\n".join(self.lines[-40:])
 
 
 def paused_file(child: Child) -> Path | None:
@@ -186,9 +85,9 @@ def test_fit_killed_three_times_then_resumed_equals_an_uninterrupted_run(uninter
         ("start", f"right after epoch {epoch} began (training)",
          dict(), lambda c: c.wait_for_line(f"Epoch {epoch}/") is not None),
         ("resume", "in the middle of writing an epoch's weights",
-         dict(pause_at="epoch-*.weights.h5:1"), lambda c: half_written(paused_file(c))),
+         dict(KVAE_TEST_PAUSE_AT="epoch-*.weights.h5:1"), lambda c: half_written(paused_file(c))),
         ("resume", "while it writes the final models",
-         dict(pause_at=f"*.keras:{rng.randint(1, 3)}"), lambda c: half_written(paused_file(c))),
+         dict(KVAE_TEST_PAUSE_AT=f"*.keras:{rng.randint(1, 3)}"), lambda c: half_written(paused_file(c))),
     ]
     log = []
     for how, when, options, trigger in plan:
@@ -276,7 +175,7 @@ def test_export_killed_then_rerun_is_complete(run_copy, script, when):
     export = run_copy / "export"
     args = [script, str(run_copy), "--quantize", "fp16"]
     if when.startswith("in the middle"):
-        child = Child(args, pause_at=f"*.{'onnx' if script.endswith('onnx.py') else 'tflite'}:1")
+        child = Child(args, KVAE_TEST_PAUSE_AT=f"*.{'onnx' if script.endswith('onnx.py') else 'tflite'}:1")
         triggered = half_written(paused_file(child))
     else:  # right after a random one of the first three of its four files
         child = Child(args)
