@@ -43,7 +43,8 @@ def logsumexp(a: np.ndarray, axis: int = 0) -> np.ndarray:
     """log sum exp over `axis`, stable, and -inf (not NaN) where every term is -inf."""
     m = np.max(a, axis=axis)
     m_safe = np.where(np.isfinite(m), m, 0.0)
-    return m_safe + np.log(np.sum(np.exp(a - np.expand_dims(m_safe, axis)), axis=axis))
+    with np.errstate(divide="ignore"):  # log(0) = -inf is the answer there, not a problem
+        return m_safe + np.log(np.sum(np.exp(a - np.expand_dims(m_safe, axis)), axis=axis))
 
 
 def log_prior_over_q(loc: np.ndarray, scale: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
