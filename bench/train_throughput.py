@@ -31,7 +31,8 @@ import tensorflow as tf
 
 from kvae import data as kdata
 from kvae import fit as kvae_fit
-from kvae.config import Config
+from kvae.config import ARCHS, Config
+from kvae.files import atomic_write_text
 from kvae.model import build_decoder_net, build_encoder, build_vae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
@@ -139,7 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is excluded)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating (reference, kvae) pairs")
-    parser.add_argument("--arch", default="conv", choices=("conv", "resnet", "mlp"))
+    parser.add_argument("--arch", default="conv", choices=ARCHS)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps-per-execution", type=int, default=Config.steps_per_execution,
                         help="kvae's --steps-per-execution (default: kvae's; results of another "
@@ -187,8 +188,6 @@ def main() -> None:
     name = "train_throughput.json" if spe == Config.steps_per_execution else f"train_throughput-spe{spe}.json"
     path = Path(args.results) if args.results else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    from kvae.files import atomic_write_text
-
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 
