@@ -293,9 +293,9 @@ def main(argv=None) -> None:
             f"{result['machine']['loadavg_1_5_15'][0]:.2f}")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        from kvae.files import atomic_write_text
+        from kvae.files import atomic_write_json
 
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out, result)
         log(f"browser_latency: wrote {out}")
 
 

@@ -16,7 +16,6 @@ Prints a table, writes bench/results/conditional.json.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import digits  # noqa: E402
 import machine  # noqa: E402
 
 from kvae.errors import KVAEError  # noqa: E402
-from kvae.files import atomic_write_text, read_json_object  # noqa: E402
+from kvae.files import atomic_write_json, read_json_object  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 GOAL = 0.95  # share of samples the classifier labels as the class they were drawn for
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         RESULTS.mkdir(exist_ok=True)
         name = "conditional.json" if args.classifier_data == "mnist-5k" else \
             f"conditional-{args.classifier_data}.json"
-        atomic_write_text(RESULTS / name, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(RESULTS / name, result)
 
 
 if __name__ == "__main__":

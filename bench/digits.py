@@ -53,7 +53,7 @@ import machine  # noqa: E402
 
 from kvae import data as kdata  # noqa: E402
 from kvae.errors import KVAEError  # noqa: E402
-from kvae.files import atomic_path, atomic_write_text, read_json_object  # noqa: E402
+from kvae.files import atomic_path, atomic_write_json, read_json_object  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -204,7 +204,7 @@ def train_classifier(x: np.ndarray, y: np.ndarray, seed: int = 0,
     if path is not None:
         with atomic_path(path) as tmp:
             model.save(tmp)
-        atomic_write_text(path.with_suffix(".json"), json.dumps({"train_seconds": seconds}) + "\n")
+        atomic_write_json(path.with_suffix(".json"), {"train_seconds": seconds}, indent=None)
     _TRAINING[model] = {"train_seconds": seconds, "cached": None}
     return model
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         name = "digits.json" if args.classifier_data == "mnist-5k" else f"digits-{args.classifier_data}.json"
         result = {"command": " ".join(["python", "bench/digits.py", *sys.argv[1:]]),
                   "machine": machine.describe(), "classifier": info, "reference_sets": rows}
-        atomic_write_text(RESULTS / name, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(RESULTS / name, result)
 
 
 if __name__ == "__main__":

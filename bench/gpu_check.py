@@ -242,9 +242,9 @@ def main() -> None:
               "problems": problems, "passed": not problems}
     path = Path(args.results) / ("gpu_check.json" if gpus else "gpu_check-cpu.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    from kvae.files import atomic_write_text
+    from kvae.files import atomic_write_json
 
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)
     verdict(problems, path)
 
 

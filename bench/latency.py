@@ -664,10 +664,10 @@ def main(argv=None) -> None:
         result["exported_first"] = exported
         result["total_seconds"] = time.perf_counter() - started
         log("\n" + markdown(result))
-        from kvae.files import atomic_write_text
+        from kvae.files import atomic_write_json
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
         log(f"\nwrote {args.out} ({result['total_seconds']:.0f} s in all, measuring {result['seconds']:.0f} s)")
 
 

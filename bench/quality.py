@@ -33,7 +33,7 @@ import numpy as np
 from kvae import data as kdata
 from kvae.config import Config, add_config_flags, config_from_args
 from kvae.evaluate import iwae_nll, summarize
-from kvae.files import atomic_write_text
+from kvae.files import atomic_write_json
 from kvae.fit import fit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
               "(measured side by side in this run)")
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results_dir / "quality.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_json(results_dir / "quality.json", result)
     plot(results, results_dir / "quality.png")
 
 

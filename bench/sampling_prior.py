@@ -16,7 +16,6 @@ Prints a table; writes bench/results/sampling_prior.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -68,9 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     record = {"run": str(run), "config": config.to_dict(), "n_codes": len(codes),
               "machine": machine.describe(), "rows": rows}
-    from kvae.files import atomic_write_text
+    from kvae.files import atomic_write_json
 
-    atomic_write_text(results / "sampling_prior.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(results / "sampling_prior.json", record)
 
 
 if __name__ == "__main__":

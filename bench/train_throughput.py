@@ -19,7 +19,6 @@ and the device.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import tensorflow as tf
 from kvae import data as kdata
 from kvae import fit as kvae_fit
 from kvae.config import ARCHS, Config
-from kvae.files import atomic_write_text
+from kvae.files import atomic_write_json
 from kvae.model import build_decoder_net, build_encoder, build_vae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/machine.py, also when loaded by path
@@ -188,7 +187,7 @@ def main() -> None:
     name = "train_throughput.json" if spe == Config.steps_per_execution else f"train_throughput-spe{spe}.json"
     path = Path(args.results) if args.results else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    atomic_write_json(path, result)
     print(f"wrote {path}")
 
 

@@ -152,9 +152,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_json(self, path: str | Path) -> None:
-        from kvae.files import atomic_write_text
+        from kvae.files import atomic_write_json
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":

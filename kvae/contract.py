@@ -31,7 +31,7 @@ import json
 import os
 from pathlib import Path
 
-from kvae.files import atomic_write_text, read_json_object
+from kvae.files import atomic_write_json, read_json_object
 
 HALVES = ("encoder", "decoder")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -127,7 +127,7 @@ def update_manifest(out: str | Path, header: dict, entries: dict[str, dict], rem
         files = {name: entry for name, entry in sorted(files.items())
                  if name not in removed and (out / name).exists()}
         manifest = {**header, **named, "files": files}
-        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        atomic_write_json(out / MANIFEST, manifest)
     return manifest
 
 

@@ -66,6 +66,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_json(path: str | Path, value, indent: int | None = 2) -> None:
+    """`value` as JSON (indented unless `indent` is None) with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
+
+
 def remove_stale_temps(*folders: str | Path) -> list[Path]:
     """Deletes the `.tmp-<pid>-*` files that killed writers left in `folders` (not recursive).
 

@@ -19,7 +19,6 @@ whose codes it was fitted to: kvae.export refuses a prior from another training)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -128,9 +127,9 @@ def read(path: str | Path, latent_dim: int) -> dict:
 
 
 def write(path: str | Path, prior: dict) -> None:
-    from kvae.files import atomic_write_text
+    from kvae.files import atomic_write_json
 
-    atomic_write_text(path, json.dumps(prior) + "\n")
+    atomic_write_json(path, prior, indent=None)
 
 
 def log_density(prior: dict, z: np.ndarray) -> np.ndarray:

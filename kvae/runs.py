@@ -8,13 +8,12 @@ message exists once. Keras is imported only when a model is loaded.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 from kvae.errors import KVAEError
-from kvae.files import atomic_write_text, read_json_object
+from kvae.files import atomic_write_json, read_json_object
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -86,5 +85,4 @@ def merge_metrics(run: str | Path, values: dict, holder: str = "kvae.evaluate") 
     from kvae.runlock import run_lock
 
     with run_lock(run, holder):
-        atomic_write_text(Path(run) / METRICS,
-                          json.dumps({**read_metrics(run), **values}, indent=2) + "\n")
+        atomic_write_json(Path(run) / METRICS, {**read_metrics(run), **values})
