@@ -34,6 +34,7 @@ from kvae.model import build_vae
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/digits.py, bench/quality.py
 RESULTS = Path(__file__).parent / "results"
 SAMPLE_KEYS = ("confident_share", "class_entropy_bits", "frechet", "frechet_floor")
+VARIANT = None  # the architecture variant bench/arch_variants.py builds instead of kvae's, if any
 
 
 def shifted(batch, pixels: int):
@@ -88,6 +89,8 @@ def main() -> None:
             "nll_se": round(held_out["nll_se"], 2), "train_nll": round(train_nll["nll"], 2),
             "k": args.k, "argv": sys.argv[2:],
             "config": {k: v for k, v in config.resolved().to_dict().items() if k not in ("out", "data_dir")}}
+    if VARIANT:
+        line["variant"] = VARIANT
     if args.samples:
         import digits
         import quality
