@@ -162,8 +162,7 @@ def main() -> None:
     use(variant)
     import quality_sweep
 
-    quality_sweep.VARIANT = variant
-    quality_sweep.main()
+    quality_sweep.main(variant)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from kvae.model import build_vae
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/digits.py, bench/quality.py
 RESULTS = Path(__file__).parent / "results"
 SAMPLE_KEYS = ("confident_share", "class_entropy_bits", "frechet", "frechet_floor")
-VARIANT = None  # the architecture variant bench/arch_variants.py builds instead of kvae's, if any
 
 
 def shifted(batch, pixels: int):
@@ -49,7 +48,8 @@ def shifted(batch, pixels: int):
                                                  fill_value=0.0)
 
 
-def main() -> None:
+def main(variant: str | None = None) -> None:
+    """`variant`: the bench/arch_variants.py variant this process builds instead of kvae's model, if any."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a name for this variant")
     parser.add_argument("--shift", type=int, default=0, help="random shifts of up to N pixels")
@@ -89,8 +89,8 @@ def main() -> None:
             "nll_se": round(held_out["nll_se"], 2), "train_nll": round(train_nll["nll"], 2),
             "k": args.k, "argv": sys.argv[2:],
             "config": {k: v for k, v in config.resolved().to_dict().items() if k not in ("out", "data_dir")}}
-    if VARIANT:
-        line["variant"] = VARIANT
+    if variant:
+        line["variant"] = variant
     if args.samples:
         import digits
         import quality
