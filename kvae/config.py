@@ -49,7 +49,8 @@ class Config:
     dropout: float = 0.0  # Dropout rate after each hidden layer of the encoder and decoder (training only; 0 = none)
     encoder_noise: float = 0.0  # std of Gaussian noise on the encoder's input in training (amortized inference regularization; 0 = none)
     free_bits: float = 0.0  # nats per latent dimension the KL term leaves unpenalized (Kingma et al. 2016; 0 = the plain KL)
-    prior_components: int | None = None  # Gaussian-mixture components of the sampling prior fitted to the training codes after training (prior.json; 0 = sample from N(0, I) only); default 100, 0 with --conditional (its samples were measured from N(0, I))
+    prior_mixture: int | None = None  # components of the prior P(z), a mixture of diagonal Gaussians learned with the model (0 = N(0, I)); default 256 (2.2 nats better held out, better samples: docs/benchmarks.md), 0 with --conditional
+    prior_components: int | None = None  # Gaussian-mixture components of a sampling prior fitted to the training codes after training, for a model whose P(z) is N(0, I) (prior.json; 0 = sample from N(0, I)); default 100 with --prior-mixture 0 (unconditional), else 0 (a learned prior is sampled itself)
     kl_warmup: int | None = None  # epochs over which beta ramps linearly from beta/kl_warmup up to beta; default 80 (long ramps measured best), 0 with --conditional (a ramp lets z carry the class)
     # Optimisation
     epochs: int = 100  # passes over the training split
@@ -85,6 +86,12 @@ class Config:
             (self.encoder_noise >= 0, "--encoder-noise must be >= 0"),
             (self.free_bits >= 0, "--free-bits must be >= 0"),
             (self.prior_components is None or self.prior_components >= 0, "--prior-components must be >= 0"),
+            (self.prior_mixture is None or self.prior_mixture >= 0, "--prior-mixture must be >= 0"),
+            (not (self.resolved_prior_mixture and self.free_bits),
+             "--free-bits is per latent dimension of a KL against N(0, I): use it with --prior-mixture 0"),
+            (not (self.resolved_prior_mixture and self.prior_components),
+             "--prior-components fits a sampling prior to a model whose P(z) is N(0, I); with --prior-mixture "
+             "the model samples from its own learned prior: pass --prior-mixture 0 to fit one"),
             (self.arch is None or self.arch in ARCHS, f"--arch must be one of {', '.join(ARCHS)}"),
             (self.likelihood in LIKELIHOODS, f"--likelihood must be one of {', '.join(LIKELIHOODS)}"),
             (self.binarize in BINARIZE, f"--binarize must be one of {', '.join(BINARIZE)}"),
@@ -102,10 +109,12 @@ class Config:
         return repr(getattr(self, name, None))
 
     def resolved(self) -> "Config":
-        """This config with its mode-dependent defaults (beta, kl_warmup, arch, prior_components) filled in: what a run
-        saves as config.json, so the folder says what it trained with and a resume keeps it."""
+        """This config with its mode-dependent defaults (beta, kl_warmup, arch, prior_mixture,
+        prior_components) filled in: what a run saves as config.json, so the folder says what it
+        trained with and a resume keeps it."""
         return dataclasses.replace(self, beta=self.resolved_beta, kl_warmup=self.resolved_kl_warmup,
-                                   arch=self.resolved_arch, prior_components=self.resolved_prior_components)
+                                   arch=self.resolved_arch, prior_mixture=self.resolved_prior_mixture,
+                                   prior_components=self.resolved_prior_components)
 
     @property
     def resolved_arch(self) -> str:
@@ -116,12 +125,21 @@ class Config:
         return "conv" if self.conditional else "resnet"
 
     @property
+    def resolved_prior_mixture(self) -> int:
+        """The learned prior's components actually used: 256, or 0 (P(z) = N(0, I)) for a
+        conditional model (whose defaults were measured with N(0, I))."""
+        if self.prior_mixture is not None:
+            return self.prior_mixture
+        return 0 if self.conditional else 256
+
+    @property
     def resolved_prior_components(self) -> int:
-        """The sampling prior's components actually fitted: 100, or 0 (N(0, I)) for a
-        conditional model, whose class-by-class samples were measured from N(0, I)."""
+        """The sampling prior's components actually fitted: 100 for a model whose P(z) is N(0,
+        I); 0 with a learned prior (sampled itself) and for a conditional model, whose
+        class-by-class samples were measured from N(0, I)."""
         if self.prior_components is not None:
             return self.prior_components
-        return 0 if self.conditional else 100
+        return 0 if self.conditional or self.resolved_prior_mixture else 100
 
     @property
     def resolved_beta(self) -> float:

@@ -13,11 +13,13 @@ A conditional model (trained with --conditional) has one more input in both halv
 condition `y`: float32 (batch, num_classes), the one-hot class label; the header then names the
 classes ("classes", index = class id).
 
-A run trained with a fitted sampling prior (kvae.prior, `--prior-components K`) also has
-`prior.json` in RUN/export/, copied from the run folder and named in the header's "prior" entry
-({"file", "sha256", "components"}): the Gaussian mixture that runtimes draw z from to sample
-(weights [K], loc and scale [K][latent_dim]: pick k with probability weights[k], then
-z = loc[k] + scale[k] * eps). It is for sampling only; likelihoods use the model's N(0, I).
+A run trained with a learned prior (`--prior-mixture K`, the default) or a fitted sampling prior
+(kvae.prior, `--prior-components K`) also has `prior.json` in RUN/export/, copied from the run
+folder and named in the header's "prior" entry ({"file", "sha256", "components"}): the Gaussian
+mixture that runtimes draw z from to sample (weights [K], loc and scale [K][latent_dim]: pick k
+with probability weights[k], then z = loc[k] + scale[k] * eps). Marked `"model_prior": true` it
+is the model's own P(z), which likelihoods use; otherwise it is for sampling only and
+likelihoods use the model's N(0, I).
 
 Every file also carries key/value metadata (`metadata` below): ONNX `metadata_props`, and in a
 .tflite file a JSON entry named `kvae` in the flatbuffer's metadata table.
@@ -44,7 +46,7 @@ INPUT = {"encoder": "x", "decoder": "z"}
 CONDITION = "y"  # the second input of a conditional model's halves: one-hot (batch, num_classes)
 OUTPUTS = {"encoder": ("loc", "scale"), "decoder": ("x_mean",)}
 MANIFEST = "manifest.json"
-PRIOR = "prior.json"  # the fitted sampling prior, in the run folder and next to the exported decoder
+PRIOR = "prior.json"  # the sampling prior (learned or fitted), in the run folder and next to the exported decoder
 PRIOR_ENTRY = "prior"  # the manifest header's entry naming it: {"file": PRIOR, "sha256", "components"}
 TFLITE_METADATA = "kvae"  # the name of kvae's entry in a .tflite file's metadata table
 _TFLITE_IDENTIFIER = b"TFL3"

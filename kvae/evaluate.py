@@ -45,7 +45,8 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
 
     Returns:
       dict of (N,) arrays: `nll` (IWAE), `reconstruction` (mean over the k samples of
-      -log P(X|z)), `kl` (analytic KL[Q(z|X) || P(z)]).
+      -log P(X|z)), `kl` (KL[Q(z|X) || P(z)]: analytic for P(z) = N(0, I), the mean of
+      log Q(z|X) - log P(z) over the k samples for a learned prior).
     """
     import keras
     from keras import ops
@@ -53,6 +54,7 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
     from kvae.model import reconstruction_nll
     from kvae.iwae import log_prior_over_q, logsumexp
 
+    prior = vae.model_prior()  # P(z): None for N(0, I)
     pixels = int(np.prod(x.shape[1:]))
     batch_size = max(1, min(batch_size, len(x)))
     chunk = max(1, min(k, budget // (batch_size * pixels)))
@@ -84,18 +86,20 @@ def iwae_nll(vae, x: np.ndarray, k: int, seed: int = 0, batch_size: int = 100,
         loc, scale = (ops.convert_to_numpy(ops.cast(t, "float32")).astype(np.float64)
                       for t in vae.encoder(xb if yb is None else [xb, yb]))
         lse = np.full(len(xb), -np.inf)
-        rec = np.zeros(len(xb))
+        rec, log_ratio_sum = np.zeros(len(xb)), np.zeros(len(xb))
         for c_index, c_start in enumerate(range(0, k, chunk)):
             s = min(chunk, k - c_start)
             # eps from numpy, keyed by (seed, batch, chunk): the same draws on every backend
             eps = np.random.default_rng([seed, b_index, c_index]).standard_normal((s, *loc.shape))
-            z, log_ratio = log_prior_over_q(loc, scale, eps)  # (s, B, D), (s, B)
+            z, log_ratio = log_prior_over_q(loc, scale, eps, prior)  # (s, B, D), (s, B)
             lp = ops.convert_to_numpy(log_px(xb, z.astype(np.float32), yb)).astype(np.float64)
             lse = np.logaddexp(lse, logsumexp(lp + log_ratio))
             rec -= lp.sum(0)
+            log_ratio_sum += log_ratio.sum(0)
         out["nll"].append(-(lse - math.log(k)))
         out["reconstruction"].append(rec / k)
-        out["kl"].append(0.5 * np.sum(loc**2 + scale**2 - 1 - 2 * np.log(scale), -1))
+        out["kl"].append(-log_ratio_sum / k if prior is not None else
+                         0.5 * np.sum(loc**2 + scale**2 - 1 - 2 * np.log(scale), -1))
     return {name: np.concatenate(parts).astype(np.float64) for name, parts in out.items()}
 
 

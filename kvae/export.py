@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from kvae import iwae, runs
+from kvae import prior as kprior
 from kvae.contract import (CONDITION, HALVES, INPUT, OUTPUTS, PRIOR, PRIOR_ENTRY, QUANTIZED, filename,
                            inputs, sha256, update_manifest)
 from kvae.errors import KVAEError, describe_os_error
@@ -73,7 +74,9 @@ class Run:
         ("x_parity", "z_parity", ...): an image's own label, and for z ~ N(0, I) classes in
         turn; None for an unconditional model.
       class_names: the classes of a conditional model (index = class id).
-      prior: the run's fitted sampling prior (RUN/prior.json, kvae.prior), or None.
+      prior: the run's sampling prior (RUN/prior.json, kvae.prior), or None; when it is the
+        model's learned P(z) (`model_prior`), z "from the prior" above are drawn from it and
+        every NLL uses it.
     """
 
     path: Path
@@ -118,6 +121,11 @@ class Run:
         return self.config.likelihood
 
     @property
+    def model_prior(self) -> dict | None:
+        """The model's learned P(z) (kvae.prior), or None: N(0, I)."""
+        return kprior.model_prior(self.prior)
+
+    @property
     def sigma(self) -> float:
         return float(self.config.sigma)
 
@@ -147,7 +155,8 @@ class Run:
             text = f"{n} validation {self.dataset} images ({self.preprocessing_short()})"
             y = "; y their labels" if self.num_classes else ""
         else:
-            text = f"{n} z ~ N(0, I) and {n} z ~ Q(z|X) of validation {self.dataset} images"
+            prior = "P(z) (the learned prior)" if self.model_prior is not None else "N(0, I)"
+            text = f"{n} z ~ {prior} and {n} z ~ Q(z|X) of validation {self.dataset} images"
             y = "; y the classes in turn, then the images' labels" if self.num_classes else ""
         return f"{text}, at batch {n} and batch 1{y}"
 
@@ -170,7 +179,7 @@ class Run:
         if images not in self._nll_fp32:
             x, loc, scale, eps, y = self.nll_images(images)
             self._nll_fp32[images] = iwae.nll(x, loc, scale, eps, self.keras_decode(),
-                                              self.likelihood, self.sigma, y=y)
+                                              self.likelihood, self.sigma, y=y, prior=self.model_prior)
         return self._nll_fp32[images]
 
     def keras_decode(self) -> Callable:
@@ -222,12 +231,17 @@ def load_run(run: str | Path) -> Run:
     def rows(y, n):
         return None if y is None else y[:n]
 
+    fitted = read_prior(run, latent_dim)
+    model_prior = kprior.model_prior(fitted)
+
+    def prior_sample(n):  # z ~ P(z): N(0, I), or the model's learned prior
+        eps = rng.standard_normal((n, latent_dim)).astype(np.float32)
+        return eps if model_prior is None else kprior.sample(model_prior, eps, rng)
+
     _, _, z_post = posterior_sample(x_parity, rows(y_val, PARITY_N))
-    z_parity = np.concatenate([rng.standard_normal((len(x_parity), latent_dim)).astype(np.float32),
-                               z_post])
+    z_parity = np.concatenate([prior_sample(len(x_parity)), z_post])
     _, _, z_cal = posterior_sample(x_calibration, rows(y_train, CALIBRATION_N))
-    z_calibration = np.concatenate(
-        [rng.standard_normal((len(x_calibration), latent_dim)).astype(np.float32), z_cal])
+    z_calibration = np.concatenate([prior_sample(len(x_calibration)), z_cal])
     loc_nll, scale_nll, _ = posterior_sample(x_nll, rows(y_val, NLL_N))
     eps_nll = np.random.default_rng(NLL_SEED + 1).standard_normal(
         (NLL_K, len(x_nll), latent_dim)).astype(np.float32)
@@ -254,7 +268,7 @@ def load_run(run: str | Path) -> Run:
     return Run(run, config, encoder, decoder, x_parity, z_parity, x_nll, loc_nll, scale_nll,
                eps_nll, x_calibration, z_calibration, config.dataset, x_select, loc_select,
                scale_select, eps_select, select_source, conditions,
-               data.class_names if conditional else None, read_prior(run, latent_dim))
+               data.class_names if conditional else None, fitted)
 
 
 def read_prior(run: Path, latent_dim: int) -> dict | None:
@@ -349,7 +363,9 @@ def preprocessing(run: Run) -> str:
                  "the export's checks use validation x binarized with a fixed seed. ")
     elif mode == "static":
         text += "The model was trained on pixels binarized at 0.5 (x > 0.5). "
-    text += ("z: float32 (batch, latent_dim); sample z ~ N(0, I), or z = loc + scale * eps with "
+    prior = ("the model's learned prior P(z) in prior.json (a Gaussian mixture)"
+             if run.model_prior is not None else "N(0, I)")
+    text += (f"z: float32 (batch, latent_dim); sample z ~ {prior}, or z = loc + scale * eps with "
              "eps ~ N(0, I), with the host's random numbers (no random ops in the files). "
              f"x_mean: float32 in [0, 1], the {run.likelihood} mean of P(X|z).")
     if run.num_classes:

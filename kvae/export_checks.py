@@ -169,7 +169,8 @@ def nll_entry(run, decode: Callable[[np.ndarray], np.ndarray] | None = None,
     x, loc0, scale0, eps, y = run.nll_images(images)
     reference = run.nll_fp32(images)
     nll = iwae.nll(x, loc0 if loc is None else loc, scale0 if scale is None else scale, eps,
-                   decode or run.keras_decode(), run.likelihood, run.sigma, p_range, y=y)
+                   decode or run.keras_decode(), run.likelihood, run.sigma, p_range, y=y,
+                   prior=run.model_prior)
     diff = nll - reference
     if not np.all(np.isfinite(diff)):
         raise KVAEError(f"NLL with the exported {what} is not finite")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -57,6 +58,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if not saved.exists():
             raise KVAEError(f"--resume: {out} holds no run (no config.json); start it without --resume")
         base = Config.from_json(saved)
+        if "prior_mixture" not in json.loads(saved.read_text()):  # a run from before learned priors
+            base = dataclasses.replace(base, prior_mixture=0)
         changed = [name for name, value in vars(args).items()
                    if name in base.to_dict() and value is not None and name not in RESUMABLE
                    and value != getattr(base, name)]
@@ -397,9 +400,13 @@ def training_codes(vae, dataset, config: Config):
 
 
 def fit_prior(vae, dataset, config: Config) -> dict | None:
-    """The sampling prior (kvae.prior) fitted to `training_codes`; None with --prior-components 0."""
+    """The sampling prior (kvae.prior): the model's own learned P(z) (--prior-mixture), else one
+    fitted to `training_codes` (--prior-components); None for neither (samples from N(0, I))."""
     from kvae import prior as kprior
 
+    learned = vae.model_prior()
+    if learned is not None:
+        return kprior.learned(learned, f"learned with the model on {config.dataset}")
     if not config.resolved_prior_components:
         return None
     codes = training_codes(vae, dataset, config)

@@ -4,7 +4,8 @@ paired NLL changes, kvae.runtime's `VAE.log_likelihood` and kvae.evaluate.
     log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i = loc + scale * eps_i
 
 (Burda, Grosse & Salakhutdinov 2015, "Importance Weighted Autoencoders", eq. 8), with
-P(z) = N(0, I) and Q(z|X) = N(loc, diag scale^2), summed in float64 with a log-sum-exp.
+Q(z|X) = N(loc, diag scale^2) and P(z) = N(0, I) or the model's learned mixture (`prior`, a
+kvae.prior dict), summed in float64 with a log-sum-exp.
 
 The clip rule, for a Bernoulli decoder that outputs probabilities p: p is clipped to the
 resolution of the file that computed it, and only in the term that needs it (p_range[0] in
@@ -47,19 +48,26 @@ def logsumexp(a: np.ndarray, axis: int = 0) -> np.ndarray:
         return m_safe + np.log(np.sum(np.exp(a - np.expand_dims(m_safe, axis)), axis=axis))
 
 
-def log_prior_over_q(loc: np.ndarray, scale: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def log_prior_over_q(loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
+                     prior: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """z = loc + scale * eps and log P(z) - log Q(z|X), in float64.
 
     Args:
       loc, scale: (B, D) the posterior Q(z|X).
       eps: (k, B, D) standard normal draws.
+      prior: the model's P(z) as a kvae.prior mixture (weights, loc, scale), or None: N(0, I).
 
     Returns:
       z (k, B, D) float64 and (k, B) log P(z) - log Q(z|X).
     """
     loc, scale, eps = (np.asarray(a, np.float64) for a in (loc, scale, eps))
     z = loc + scale * eps
-    log_prior = np.sum(-0.5 * z ** 2 - 0.5 * LOG_2PI, -1)
+    if prior is None:
+        log_prior = np.sum(-0.5 * z ** 2 - 0.5 * LOG_2PI, -1)
+    else:
+        from kvae.prior import log_density
+
+        log_prior = log_density(prior, z.reshape(-1, z.shape[-1])).reshape(z.shape[:-1])
     log_q = np.sum(-0.5 * eps ** 2 - np.log(scale) - 0.5 * LOG_2PI, -1)
     return z, log_prior - log_q
 
@@ -84,7 +92,7 @@ def log_px(x: np.ndarray, x_mean: np.ndarray, likelihood: str, sigma: float | No
 def nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
         decode: Callable[[np.ndarray], np.ndarray], likelihood: str = "bernoulli",
         sigma: float | None = 0.1, p_range: tuple[float, float] = P_FLOAT32,
-        chunk: int = 2048, y: np.ndarray | None = None) -> np.ndarray:
+        chunk: int = 2048, y: np.ndarray | None = None, prior: dict | None = None) -> np.ndarray:
     """Per-image importance-weighted -log P(X) (-log P(X|y) with `y`), in nats.
 
     The same (loc, scale, eps) for two decoders make their difference a paired estimate (its
@@ -99,12 +107,13 @@ def nll(x: np.ndarray, loc: np.ndarray, scale: np.ndarray, eps: np.ndarray,
       likelihood, sigma, p_range: as in `log_px`.
       chunk: at most this many z per decode call (bounds memory: chunk decoded images).
       y: (N, num_classes) the condition of each image, for a conditional model (-log P(X|y)).
+      prior: the model's learned P(z) (a kvae.prior mixture), or None: N(0, I).
 
     Returns:
       (N,) float64 NLL per image.
     """
     k, n, d = eps.shape
-    z, log_ratio = log_prior_over_q(loc, scale, eps)  # (k, N, D), (k, N)
+    z, log_ratio = log_prior_over_q(loc, scale, eps, prior)  # (k, N, D), (k, N)
     flat = z.astype(np.float32).reshape(k * n, d)
     x_flat = np.asarray(x, np.float64).reshape(n, -1)
     lp = np.empty(k * n)

@@ -159,10 +159,13 @@ class VAE(keras.Model):
       beta: KL weight (the posterior layer's initial `beta`).
       seed: seeds the posterior's eps.
       free_bits: nats per latent dimension the KL term does not penalize (the posterior's).
+      prior_mixture: K > 0 learns P(z) as a mixture of K diagonal Gaussians (the posterior's
+        `components`); 0 = N(0, I).
     """
 
     def __init__(self, encoder, decoder_net, likelihood: str = "bernoulli", sigma: float = 0.1,
-                 beta: float = 1.0, seed: int | None = None, free_bits: float = 0.0, **kwargs):
+                 beta: float = 1.0, seed: int | None = None, free_bits: float = 0.0,
+                 prior_mixture: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder_net = decoder_net
@@ -171,7 +174,9 @@ class VAE(keras.Model):
         self.beta = float(beta)
         self.seed = seed
         self.free_bits = float(free_bits)
-        self.posterior = Posterior(beta=beta, seed=seed, free_bits=free_bits, name="posterior")
+        self.prior_mixture = int(prior_mixture)
+        self.posterior = Posterior(beta=beta, seed=seed, free_bits=free_bits, components=prior_mixture,
+                                   name="posterior")
         self.reconstruction_tracker = keras.metrics.Mean(name="reconstruction_loss")
         self.kl_tracker = keras.metrics.Mean(name="kl_loss")  # unweighted D[Q(z|X) || P(z)]
 
@@ -215,6 +220,10 @@ class VAE(keras.Model):
     def test_step(self, *args):
         return _with_batch_axis(super().test_step(*args))
 
+    def model_prior(self) -> dict | None:
+        """The learned prior P(z) as a kvae.prior mixture (numpy), or None for N(0, I)."""
+        return self.posterior.mixture_prior()
+
     def encode(self, x, y=None):
         """x (B, H, W, C) in [0, 1] [, y (B, num_classes)] -> (loc, scale) of Q(z|X[, y])."""
         return self.encoder(self._with(x, y))
@@ -248,6 +257,7 @@ class VAE(keras.Model):
             "beta": self.beta,
             "seed": self.seed,
             "free_bits": self.free_bits,
+            "prior_mixture": self.prior_mixture,
         }
 
     @classmethod
@@ -299,7 +309,7 @@ def build_vae(config: Config, image_shape, num_classes: int = 0) -> VAE:
     decoder_net = build_decoder_net(image_shape, config.latent_dim, config.resolved_arch, config.hidden,
                                     config.filters, num_classes, dropout=config.dropout)
     vae = VAE(encoder, decoder_net, config.likelihood, config.sigma, config.resolved_beta, config.seed,
-              free_bits=config.free_bits, name="vae")
+              free_bits=config.free_bits, prior_mixture=config.resolved_prior_mixture, name="vae")
     x = ops.zeros((1, *image_shape))
     vae((x, ops.zeros((1, num_classes))) if num_classes else x)
     return vae

@@ -8,13 +8,17 @@ covariances to the posterior means of the training images after training and sam
 kvae does the same at the end of `kvae.fit` (`--prior-components K`, 0 = off): `prior.json` in
 the run folder, copied next to the exported decoder and named in its manifest ("prior").
 
-It is a sampling prior only: the model, its training loss and every NLL are the model's own
-P(z) = N(0, I). `kvae.runtime` samples from it when present (prior="fitted"), or from N(0, I)
-with prior="standard".
+Such a prior is for sampling only: the model, its training loss and every NLL keep the model's
+own P(z) = N(0, I). A model that learns its prior (`--prior-mixture K`, the default: a mixture
+trained with the model, kvae.layers.Posterior) writes that prior to prior.json instead, marked
+`"model_prior": true`: it is then both what samples come from and the P(z) of every NLL
+(`model_prior`). `kvae.runtime` samples from prior.json when present (prior="fitted"), or from
+N(0, I) with prior="standard".
 
 prior.json: {"kind": "gaussian-mixture-diag", "weights": [K], "loc": [K][latent_dim],
-"scale": [K][latent_dim], "fitted_on": str, "source": {"encoder.keras": sha256}} (the encoder
-whose codes it was fitted to: kvae.export refuses a prior from another training).
+"scale": [K][latent_dim], "fitted_on": str, "model_prior": bool (absent: false),
+"source": {"encoder.keras": sha256}} (the encoder trained or fitted with it: kvae.export refuses
+a prior from another training).
 """
 
 from __future__ import annotations
@@ -50,6 +54,18 @@ def fit(codes: np.ndarray, components: int, seed: int = 0, restarts: int = 1,
     log_likelihood, weights, loc, var = max(fits, key=lambda fit: fit[0])
     return {"kind": KIND, "weights": _float32_list(weights), "loc": _float32_list(loc),
             "scale": _float32_list(np.sqrt(var))}
+
+
+def learned(mixture: dict, fitted_on: str) -> dict:
+    """prior.json's dict for a model's learned P(z) (weights, loc, scale: kvae.layers.Posterior's
+    `mixture_prior`)."""
+    return {"kind": KIND, **{key: _float32_list(mixture[key]) for key in ("weights", "loc", "scale")},
+            "fitted_on": fitted_on, "model_prior": True}
+
+
+def model_prior(prior: dict | None) -> dict | None:
+    """`prior` if it is the model's own P(z) (a learned prior), else None: P(z) = N(0, I)."""
+    return prior if prior is not None and prior.get("model_prior") is True else None
 
 
 def _float32_list(a: np.ndarray) -> list:
@@ -132,11 +148,15 @@ def write(path: str | Path, prior: dict) -> None:
     atomic_write_json(path, prior, indent=None)
 
 
-def log_density(prior: dict, z: np.ndarray) -> np.ndarray:
-    """log p(z) under the mixture, (n,) (for tests and diagnostics)."""
+def log_density(prior: dict, z: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """log p(z) under the mixture, (n,) float64 (z (n, D)), `rows` z at a time (memory: rows x K)."""
+    z = np.asarray(z, np.float64)
+    weights, loc = np.asarray(prior["weights"], np.float64), np.asarray(prior["loc"], np.float64)
     var = np.square(np.asarray(prior["scale"], np.float64))
-    return _logsumexp(_component_log_density(np.asarray(z, np.float64), np.asarray(prior["weights"]),
-                                             np.asarray(prior["loc"], np.float64), var))
+    out = np.empty(len(z))
+    for start in range(0, len(z), rows):
+        out[start:start + rows] = _logsumexp(_component_log_density(z[start:start + rows], weights, loc, var))
+    return out
 
 
 def _component_log_density(x, weights, loc, var):

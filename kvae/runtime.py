@@ -19,7 +19,8 @@ the ONNX file's metadata, else from the model's input and output shapes.
 Sampling draws z on the host with numpy's Generator: a seed gives the same images in every
 process, no seed gives new ones. When the export has a fitted sampling prior (`prior.json`,
 named in the manifest; kvae.prior) z comes from it (`prior="fitted"`, the default then), else,
-or with `prior="standard"`, z = eps ~ N(0, I), the model's own prior. (Random ops inside the
+or with `prior="standard"`, z = eps ~ N(0, I). A prior.json marked as the model's learned P(z)
+(the default training) is also the prior of `VAE.log_likelihood`. (Random ops inside the
 exported graph replay one sequence per onnxruntime session and cannot take a seed:
 docs/design.md, "Random ops".)
 
@@ -241,7 +242,7 @@ class Decoder(_Half):
             return np.zeros((0, *self.image_shape), np.float32)
         x_mean = self.session.run(**feeds)["x_mean"]
         check_output(x_mean, "x_mean", self.path, f"for z up to |{float(np.abs(z).max()):.3g}|",
-                      "keep z to moderate values (the prior is N(0, I)); if they are, the file is "
+                      "keep z to moderate values (as the prior's samples are); if they are, the file is "
                       "broken: export it again")
         return x_mean[0] if single else x_mean
 
@@ -288,6 +289,13 @@ class Decoder(_Half):
         if self._prior is None and self._prior_entry is not None:
             self._prior = _fitted_prior(self.path, self._prior_entry, self.latent_dim)
         return self._prior
+
+    @property
+    def model_prior(self) -> dict | None:
+        """The model's learned P(z) when the export's prior.json is one (kvae.prior), else None: N(0, I)."""
+        from kvae import prior as kprior
+
+        return kprior.model_prior(self.prior)
 
     @property
     def sampling_prior(self) -> str:
@@ -427,7 +435,8 @@ class VAE:
             log P(X) ~= log (1/k) sum_i P(X|z_i) P(z_i) / Q(z_i|X),   z_i = loc + scale * eps_i
 
         kvae.iwae computes it (float64, chunks of at most about `budget` decoded pixels), with its
-        clip rule for Bernoulli probabilities at this decoder's resolution (`Decoder.p_range`).
+        clip rule for Bernoulli probabilities at this decoder's resolution (`Decoder.p_range`),
+        and P(z) the model's: its learned prior when prior.json is one, else N(0, I).
         Gaussian: N(x; x_mean, sigma^2 I) with the manifest's sigma.
 
         Args:
@@ -451,6 +460,7 @@ class VAE:
         x, single = check_images(x, self.image_shape)
         y = self.decoder.condition(label, len(x))
         rng = generator(seed)
+        prior = self.decoder.model_prior
         rows = max(1, budget // int(np.prod(self.image_shape)))  # decoded images per call
         out = np.empty(len(x), np.float64)
         batch = max(1, min(len(x), rows, 100))
@@ -459,5 +469,6 @@ class VAE:
             loc, scale = self.encoder.encode(xb, yb)
             eps = rng.standard_normal((k, len(xb), self.latent_dim))  # the stream chunk by chunk
             out[start:start + len(xb)] = -iwae.nll(xb, loc, scale, eps, self.decoder.decode, likelihood,
-                                                   sigma, self.decoder.p_range, chunk=rows, y=yb)
+                                                   sigma, self.decoder.p_range, chunk=rows, y=yb,
+                                                   prior=prior)
         return float(out[0]) if single else out

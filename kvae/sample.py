@@ -1,7 +1,8 @@
 """python -m kvae.sample FILE_OR_RUN [--n 64] [--seed 0] [--out grid.png]
 
-Draws images from an exported decoder without TensorFlow: z from the export's fitted sampling
-prior (prior.json, kvae.prior) when it has one, else (or with `--prior standard`) z ~ N(0, I),
+Draws images from an exported decoder without TensorFlow: z from the export's prior (prior.json,
+kvae.prior: the model's learned P(z), or a sampling prior fitted to the training codes) when it
+has one, else (or with `--prior standard`) z ~ N(0, I),
 drawn with numpy's Generator (the same --seed gives the same images everywhere), decoded by
 onnxruntime (`.onnx`) or LiteRT (`.tflite`). FILE_OR_RUN is a decoder file, an export folder or a run folder (RUN/export/
 decoder.onnx, else decoder.tflite). `--out` ending in .png writes one grid image; .npy writes the
@@ -58,9 +59,9 @@ def main(argv=None) -> None:
                         help="conditional models: the class (id or name) to draw, or `all` for "
                              "one row of --n images per class")
     parser.add_argument("--prior", choices=("fitted", "standard"), default=None,
-                        help="where z comes from: fitted (the Gaussian mixture fitted to the "
-                             "training codes, the default when the export has one) or standard "
-                             "(N(0, I), the model's own prior)")
+                        help="where z comes from: fitted (the export's prior.json, the default "
+                             "when it has one: the model's learned prior, or a Gaussian mixture "
+                             "fitted to the training codes) or standard (N(0, I))")
     add_runtime_flags(parser)
     args = parser.parse_args(argv)
     with cli_errors("kvae.sample"):

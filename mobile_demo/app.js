@@ -4,8 +4,8 @@
 //
 // A conditional model (manifest "conditional": true) also takes y, the one-hot class label: the
 // class picker sets the label every decode and encode of the page uses. A manifest that names a
-// fitted sampling prior ("prior": {"file": "prior.json", ...}) makes Sample draw z from that
-// Gaussian mixture instead of N(0, I).
+// prior ("prior": {"file": "prior.json", ...}: the model's learned P(z), or a sampling prior
+// fitted to the training codes) makes Sample draw z from that Gaussian mixture instead of N(0, I).
 //
 // Offline: sw.js (a service worker) keeps the app, onnxruntime-web and the export files the page
 // can run (every file the manifest names but .tflite / .ort) in the browser's cache; the page
@@ -59,9 +59,10 @@ function sampleNormal(seed, count) {
 }
 
 // ---------------------------------------------------------------- the sampling prior
-// N(0, I), or the fitted Gaussian mixture the manifest names (kvae.prior: "prior": {"file", "sha256",
-// "components"}; the file holds weights [K], loc and scale [K][latent_dim]).
-const prior = { kind: "standard", components: 0, cumulative: null, loc: null, scale: null };
+// N(0, I), or the Gaussian mixture the manifest names (kvae.prior: "prior": {"file", "sha256",
+// "components"}; the file holds weights [K], loc and scale [K][latent_dim], and "model_prior":
+// true when it is the model's learned P(z)).
+const prior = { kind: "standard", components: 0, cumulative: null, loc: null, scale: null, learned: false };
 const COMPONENT_STREAM = 0x9e3779b9; // the seed of the component picks is seed ^ this (eps keeps seed's own stream)
 
 /** n latents from `seed`: eps = sampleNormal(seed, n * latent_dim) and z = eps under N(0, I); under
@@ -85,7 +86,7 @@ function samplePrior(seed, n) {
   return { z, eps, components };
 }
 
-/** Reads and checks the fitted prior the manifest names; the page keeps N(0, I) without one. */
+/** Reads and checks the prior the manifest names (learned or fitted); the page keeps N(0, I) without one. */
 async function loadPrior(manifest) {
   const entry = manifest.prior;
   if (!entry) return;
@@ -105,6 +106,7 @@ async function loadPrior(manifest) {
   prior.scale = Float32Array.from(data.scale.flat());
   prior.components = K;
   prior.kind = "mixture";
+  prior.learned = data.model_prior === true; // the model's own P(z), learned in training (kvae.prior)
 }
 
 // ---------------------------------------------------------------- model
@@ -744,6 +746,7 @@ function setupClasses() {
 /** The Sample card's hint: where z comes from. */
 function sampleHint(asClass = "") {
   const from = prior.kind === "standard" ? "z ~ N(0, I)"
+    : prior.learned ? `z from the model's learned prior P(z) (a ${prior.components}-component Gaussian mixture)`
     : `z from the fitted prior (a ${prior.components}-component Gaussian mixture over the training codes)`;
   return `${from}, drawn here from a seeded generator, decoded in one call${asClass}. Tap a digit to explore it.`;
 }

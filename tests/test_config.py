@@ -1,6 +1,7 @@
 """Config: defaults, JSON round trip, validation, and flag precedence."""
 
 import json
+import re
 
 import pytest
 
@@ -84,12 +85,29 @@ def test_help_explains_every_flag(capsys):
 
 
 def test_mode_dependent_defaults_resolve():
-    """resnet and a fitted prior of 100 components by default; conv and N(0, I) under
-    --conditional (what its defaults were measured with); given values are kept."""
+    """resnet and a learned prior of 256 components by default (no fitted one); conv and N(0, I)
+    under --conditional (what its defaults were measured with); a fitted prior of 100 components
+    for a model with N(0, I); given values are kept."""
     plain, conditional = Config(), Config(conditional=True)
-    assert (plain.resolved_arch, plain.resolved_prior_components) == ("resnet", 100)
-    assert (conditional.resolved_arch, conditional.resolved_prior_components) == ("conv", 0)
+    assert (plain.resolved_arch, plain.resolved_prior_mixture, plain.resolved_prior_components) == ("resnet", 256, 0)
+    assert (conditional.resolved_arch, conditional.resolved_prior_mixture,
+            conditional.resolved_prior_components) == ("conv", 0, 0)
+    assert Config(prior_mixture=0).resolved_prior_components == 100
     mine = Config(conditional=True, arch="resnet", prior_components=7)
     assert (mine.resolved_arch, mine.resolved_prior_components) == ("resnet", 7)
+    assert Config(conditional=True, prior_mixture=5).resolved().prior_mixture == 5
     saved = Config(conditional=True).resolved()
     assert (saved.arch, saved.prior_components, saved.beta, saved.kl_warmup) == ("conv", 0, 1.25, 0)
+    assert (Config().resolved().prior_mixture, Config().resolved().prior_components) == (256, 0)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"free_bits": 0.1}, "--free-bits is per latent dimension of a KL against N(0, I): use it with --prior-mixture 0"),
+    ({"prior_components": 10}, "--prior-components fits a sampling prior to a model whose P(z) is N(0, I)"),
+    ({"prior_mixture": -1}, "--prior-mixture must be >= 0"),
+])
+def test_a_learned_prior_refuses_what_needs_n01(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(**values)
+    if "prior_mixture" not in values:  # both fine with P(z) = N(0, I)
+        Config(**values, prior_mixture=0)

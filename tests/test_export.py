@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("conv", "mlp", "resnet")
 # the resnet run also trains with every training-only lever on (kvae.config), so the parity
 # matrix proves that Dropout, GaussianNoise and free bits leave nothing in the exported graphs
-LEVERS = {"resnet": {"dropout": 0.2, "encoder_noise": 0.1, "free_bits": 0.05}}
+# (free bits need P(z) = N(0, I): the resnet run is also the matrix's run with a fitted sampling prior)
+LEVERS = {"resnet": {"dropout": 0.2, "encoder_noise": 0.1, "free_bits": 0.05, "prior_mixture": 0}}
 FORMATS = ("tflite", "onnx")
 HALVES = ("encoder", "decoder")
 BATCHES = (1, 64)
@@ -136,11 +137,13 @@ def max_diff(out, ref):
     return {k: float(np.max(np.abs(out[k] - ref[k]))) for k in ref}
 
 
-def reference_nll(x, loc, scale, eps, decode, likelihood="bernoulli", sigma=0.1, p_range=iwae.P_FLOAT32):
+def reference_nll(x, loc, scale, eps, decode, likelihood="bernoulli", sigma=0.1, p_range=iwae.P_FLOAT32,
+                  prior=None):
     """The tests' own importance-weighted -log P(X) per image (scipy's densities and logsumexp).
 
     Same definition as kvae.iwae.nll (z = loc + scale * eps, Bernoulli probabilities clipped by
-    the file's p_range in the term that needs it), written independently: log Q is scored at z.
+    the file's p_range in the term that needs it), written independently: log Q is scored at z,
+    log P(z) under N(0, I) or under `prior`, the model's learned mixture (prior.json's dict).
     """
     from scipy.special import logsumexp
     from scipy.stats import norm
@@ -149,7 +152,11 @@ def reference_nll(x, loc, scale, eps, decode, likelihood="bernoulli", sigma=0.1,
     loc, scale = np.float64(loc), np.float64(scale)
     z = loc + scale * eps  # (k, N, D)
     log_q = norm.logpdf(z, loc, scale).sum(-1)
-    log_prior = norm.logpdf(z).sum(-1)
+    if prior is None:
+        log_prior = norm.logpdf(z).sum(-1)
+    else:  # log sum_c w_c N(z; loc_c, scale_c^2 I), the components on a last axis
+        w, mu, sd = (np.float64(prior[key]) for key in ("weights", "loc", "scale"))
+        log_prior = logsumexp(np.log(w) + norm.logpdf(z[..., None, :], mu, sd).sum(-1), axis=-1)
     mean = np.float64(decode(np.float32(z).reshape(k * n, d))).reshape(k, n, -1)
     xr = np.float64(x).reshape(1, n, -1)
     if likelihood == "bernoulli":
@@ -157,6 +164,15 @@ def reference_nll(x, loc, scale, eps, decode, likelihood="bernoulli", sigma=0.1,
     else:
         log_px = norm.logpdf(xr, mean, sigma).sum(-1)
     return -(logsumexp(log_px + log_prior - log_q, axis=0) - math.log(k))
+
+
+def model_prior(folder):
+    """The learned P(z) in folder/prior.json (a run or its export), or None: N(0, I)."""
+    path = Path(folder) / contract.PRIOR
+    if not path.exists():
+        return None
+    prior = json.loads(path.read_text())
+    return prior if prior.get("model_prior") else None
 
 
 def feed(fmt):
@@ -175,16 +191,17 @@ def file_nll_delta(path, half, models, x, eps, batch=256, signature="serving_def
     """(mean NLL change, its standard error) when `half` is the exported file at `path`, fed in
     batches of `batch` (a dynamically quantized file's output depends on its batch's rows)."""
     encoder, decoder = models
+    prior = model_prior(Path(path).parent)
     loc, scale = (np.asarray(t) for t in encoder(x))
     keras_decode = lambda z: np.asarray(decoder(z))  # noqa: E731
-    reference = reference_nll(x, loc, scale, eps, keras_decode)
+    reference = reference_nll(x, loc, scale, eps, keras_decode, prior=prior)
     if half == "decoder":
         nll = reference_nll(x, loc, scale, eps,
                             lambda z: run_file(path, "decoder", z, batch, signature)["x_mean"],
-                            p_range=p_range or clip_of({"precision": "fp32"}))
+                            p_range=p_range or clip_of({"precision": "fp32"}), prior=prior)
     else:
         out = run_file(path, "encoder", x, batch, signature)
-        nll = reference_nll(x, out["loc"], out["scale"], eps, keras_decode)
+        nll = reference_nll(x, out["loc"], out["scale"], eps, keras_decode, prior=prior)
     diff = nll - reference
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 

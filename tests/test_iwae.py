@@ -72,3 +72,19 @@ def test_no_second_copy_in_the_modules_that_use_it():
         copies = {"LOG_2PI", "logsumexp", "_log_px", "P_MIN", "P_MAX"} & set(vars(module))
         assert not copies, (module.__name__, copies)
     assert not hasattr(kvae.export, "iwae_nll")  # kvae.evaluate.iwae_nll is the Keras model's own
+
+
+def test_log_prior_over_q_with_a_learned_mixture():
+    """prior= a kvae.prior mixture: log P(z) is its density (scipy here); one standard component is N(0, I)."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(5)
+    loc, scale, eps = rng.normal(size=(3, 2)), rng.uniform(0.2, 2, (3, 2)), rng.normal(size=(4, 3, 2))
+    prior = {"weights": [0.2, 0.5, 0.3], "loc": rng.normal(size=(3, 2)), "scale": rng.uniform(0.3, 2, (3, 2))}
+    z, ratio = iwae.log_prior_over_q(loc, scale, eps, prior)
+    log_p = logsumexp(np.log(prior["weights"]) + norm.logpdf(z[..., None, :], prior["loc"], prior["scale"]).sum(-1), -1)
+    np.testing.assert_allclose(ratio, log_p - norm.logpdf(z, loc, scale).sum(-1), rtol=1e-10)
+    standard = {"weights": [1.0], "loc": [[0.0, 0.0]], "scale": [[1.0, 1.0]]}
+    np.testing.assert_allclose(iwae.log_prior_over_q(loc, scale, eps, standard)[1],
+                               iwae.log_prior_over_q(loc, scale, eps)[1], rtol=1e-12)

@@ -22,6 +22,7 @@ LEVERS = {"dropout": 0.3, "encoder_noise": 0.5}
 
 
 def small(arch="conv", num_classes=0, shape=(28, 28, 1), **kw):
+    kw.setdefault("prior_mixture", 0 if kw.get("free_bits") else None)  # free bits: P(z) = N(0, I)
     config = Config(arch=arch, latent_dim=5, hidden=16, filters=8, conditional=bool(num_classes), **kw)
     return build_vae(config, shape, num_classes)
 
@@ -129,3 +130,47 @@ def test_resume_with_dropout_and_noise_equals_an_uninterrupted_run(tmp_path):
     whole, split = (load_vae(tmp_path / name / "vae.keras") for name in ("whole", "split"))
     for a, b in zip(whole.weights, split.weights):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
+
+def test_learned_prior_kl_is_log_q_minus_log_p_at_the_sample():
+    """--prior-mixture K: add_loss is beta * mean(log Q(z|X) - log P(z)) at the z the layer
+    returns, P(z) the layer's mixture (scored here by scipy); with N(0, I) the same estimate
+    averages to the analytic KL."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(4)
+    loc = rng.standard_normal((6, 3)).astype(np.float32)
+    scale = rng.uniform(0.3, 1.2, (6, 3)).astype(np.float32)
+    layer = Posterior(beta=0.5, seed=2, components=4)
+    z = np.float64(layer([tf.constant(loc), tf.constant(scale)]))
+    prior = layer.mixture_prior()
+    assert prior["loc"].shape == prior["scale"].shape == (4, 3) and np.allclose(prior["weights"], 0.25)
+    assert np.allclose(prior["scale"], 1.0) and np.std(prior["loc"]) > 0.3  # the start: N(0, 1) means
+    log_p = logsumexp(np.log(prior["weights"]) + norm.logpdf(z[:, None, :], prior["loc"], prior["scale"]).sum(-1), -1)
+    log_q = norm.logpdf(z, loc, scale).sum(-1)
+    np.testing.assert_allclose(float(layer.losses[0]), 0.5 * np.mean(log_q - log_p), rtol=1e-5)
+    np.testing.assert_allclose(float(layer.kl), np.mean(log_q - log_p), rtol=1e-5)
+    with pytest.raises(ValueError, match="not with a learned mixture prior"):
+        Posterior(components=2, free_bits=0.1)
+
+
+def test_learned_prior_trains_and_round_trips_through_keras_files(tmp_path):
+    from kvae.model import load_vae
+
+    vae = small(prior_mixture=3)
+    x = tf.cast(tf.random.uniform((8, 28, 28, 1)) > 0.5, tf.float32)
+    with tf.GradientTape() as tape:
+        loss = vae.compute_loss(x=x, y_pred=vae(x, training=True))
+    names = ("prior_logits", "prior_loc", "prior_scale_raw")
+    prior_vars = [v for v in vae.trainable_variables if v.name in names]
+    assert len(prior_vars) == 3
+    for var, grad in zip(prior_vars, tape.gradient(loss, prior_vars)):
+        assert grad is not None and float(tf.reduce_max(tf.abs(grad))) > 0, var.name
+    vae.posterior.prior_loc.assign(vae.posterior.prior_loc + 1.0)
+    vae.save(tmp_path / "vae.keras")
+    loaded = load_vae(tmp_path / "vae.keras")
+    assert loaded.prior_mixture == loaded.posterior.components == 3
+    for key, value in vae.model_prior().items():
+        np.testing.assert_array_equal(loaded.model_prior()[key], value)
+    assert small().model_prior() is not None and small(prior_mixture=0).model_prior() is None

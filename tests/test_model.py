@@ -12,6 +12,8 @@ tfd = tfp.distributions
 
 
 def small_vae(arch="conv", likelihood="bernoulli", shape=(28, 28, 1), **kw):
+    """A small VAE, with P(z) = N(0, I) unless `prior_mixture` is given (the closed-form KL)."""
+    kw.setdefault("prior_mixture", 0)
     return build_vae(Config(arch=arch, likelihood=likelihood, latent_dim=5, hidden=16, **kw), shape)
 
 

@@ -1,5 +1,7 @@
-"""The fitted sampling prior (kvae.prior): fitted by kvae.fit, exported with the decoder, sampled
-by kvae.runtime, kvae.sample and (tests/test_demo.py) the demo; N(0, I) with prior="standard"."""
+"""The priors in prior.json (kvae.prior): the learned P(z) (the default: trained with the model,
+the prior of every NLL) and the sampling prior fitted to the training codes of a model with
+P(z) = N(0, I); written by kvae.fit, exported with the decoder, sampled by kvae.runtime,
+kvae.sample and (tests/test_demo.py) the demo; N(0, I) with prior="standard"."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 
 from kvae import contract
 from kvae import prior as kprior
+
+FITTED = {"prior_mixture": 0}  # a model with P(z) = N(0, I) and a fitted sampling prior (100 components)
 
 
 def mixture(rng, n=6000):
@@ -72,11 +76,11 @@ def training_codes(run):
 
 
 def test_fit_writes_the_prior_of_the_training_codes(trained_run):
-    run = trained_run("conv")
+    run = trained_run("conv", **FITTED)
     fitted = kprior.read(run / contract.PRIOR, 8)
     codes, config = training_codes(run)
     assert len(fitted["weights"]) == config.prior_components == 100
-    assert str(len(codes)) in fitted["fitted_on"]
+    assert str(len(codes)) in fitted["fitted_on"] and kprior.model_prior(fitted) is None
     mean = np.asarray(fitted["weights"]) @ np.asarray(fitted["loc"])
     np.testing.assert_allclose(mean, codes.mean(0), atol=1e-3)  # fitted to these codes
     spread = np.asarray(fitted["weights"]) @ (np.square(fitted["scale"]) + np.square(fitted["loc"]))
@@ -91,7 +95,7 @@ def test_export_carries_the_prior_and_the_runtime_samples_from_it(exported_run):
     assert (export / contract.PRIOR).read_bytes() == (run / contract.PRIOR).read_bytes()
     manifest = contract.read_manifest(export)
     assert manifest["prior"] == {"file": contract.PRIOR, "sha256": contract.sha256(export / contract.PRIOR),
-                                 "components": 100}
+                                 "components": 256}  # the learned prior (the default)
     fitted = kprior.read(export / contract.PRIOR, 8)
     for fmt in ("onnx", "tflite"):
         decoder = Decoder(export / f"decoder.{fmt}")
@@ -108,13 +112,15 @@ def test_export_carries_the_prior_and_the_runtime_samples_from_it(exported_run):
         vae.sample(2, prior="gmm")
 
 
-def test_fitted_prior_draws_where_the_codes_are(exported_run):
+def test_fitted_prior_draws_where_the_codes_are(trained_run, tmp_path):
     """The point of the prior: its z lie where the training codes lie (higher density under a
     mixture fitted to other training codes) more than N(0, I)'s do."""
+    from kvae import export_onnx
     from kvae.runtime import Decoder
 
-    run = exported_run("conv")
-    decoder = Decoder(run / "export" / "decoder.onnx")
+    run = trained_run("conv", **FITTED)
+    export_onnx.export_onnx(run, tmp_path, quantize=())
+    decoder = Decoder(tmp_path / "decoder.onnx")
     codes, _ = training_codes(run)
     judge = kprior.fit(codes[1::2], 10, seed=5)  # a coarser mixture of half the codes
     fitted, standard = (decoder.draw_z(2000, seed=0, prior=p) for p in ("fitted", "standard"))
@@ -157,12 +163,12 @@ def test_manifest_prior_entry_must_name_prior_json(exported_run, tmp_path):
 
 
 def test_without_a_prior(trained_run, tmp_path):
-    """--prior-components 0: no prior.json, none exported, N(0, I) by default, "fitted" refused;
+    """--prior-mixture 0 --prior-components 0: no prior.json, none exported, N(0, I) by default, "fitted" refused;
     a re-export of a run whose prior was deleted removes the exported copy."""
     from kvae import export_onnx
     from kvae.runtime import Decoder, RuntimeInputError
 
-    run = trained_run("conv", prior_components=0, epochs=1)
+    run = trained_run("conv", prior_mixture=0, prior_components=0, epochs=1)
     assert not (run / contract.PRIOR).exists()
     out = tmp_path / "export"
     export_onnx.export_onnx(run, out, quantize=())
@@ -210,3 +216,79 @@ def test_sample_cli_prior_flag(exported_run, tmp_path):
         outputs[prior] = np.load(out)
     np.testing.assert_array_equal(outputs[None], outputs["fitted"])
     assert not np.array_equal(outputs["fitted"], outputs["standard"])
+
+
+# ---------------------------------------------------------------- the learned prior (the default)
+
+
+def mixture_log_density(prior, z):
+    """log sum_c w_c N(z; loc_c, diag scale_c^2) by scipy, z (..., D): the tests' own."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    w, mu, sd = (np.float64(prior[key]) for key in ("weights", "loc", "scale"))
+    return logsumexp(np.log(w) + norm.logpdf(np.float64(z)[..., None, :], mu, sd).sum(-1), axis=-1)
+
+
+def scipy_nll(x, loc, scale, eps, decode, prior):
+    """IWAE -log P(X) (Bernoulli) with P(z) the mixture `prior`, or N(0, I) for None."""
+    from scipy.special import logsumexp
+    from scipy.stats import norm
+
+    k, n, d = eps.shape
+    z = np.float64(loc) + np.float64(scale) * eps
+    log_p = norm.logpdf(z).sum(-1) if prior is None else mixture_log_density(prior, z)
+    log_q = norm.logpdf(z, np.float64(loc), np.float64(scale)).sum(-1)
+    mean = np.float64(decode(np.float32(z).reshape(k * n, d))).reshape(k, n, -1)
+    xr = np.float64(x).reshape(1, n, -1)
+    log_px = (xr * np.log(mean) + (1 - xr) * np.log1p(-mean)).sum(-1)
+    return -(logsumexp(log_px + log_p - log_q, axis=0) - np.log(k))
+
+
+def test_learned_prior_is_the_p_z_of_every_nll(exported_run):
+    """The default run learns P(z) (256 components): prior.json holds the trained layer's
+    mixture, marked as the model's; kvae.evaluate's and kvae.runtime's NLLs both use it (each
+    equals this file's scipy estimate with the same eps, and not the N(0, I) one)."""
+    from kvae import data as kdata
+    from kvae.evaluate import iwae_nll
+    from kvae.model import load_vae
+    from kvae.runtime import VAE
+
+    run = exported_run("conv")
+    learned = kprior.read(run / contract.PRIOR, 8)
+    assert kprior.model_prior(learned) is learned and len(learned["weights"]) == 256
+    assert (run / "export" / contract.PRIOR).read_bytes() == (run / contract.PRIOR).read_bytes()
+    vae = load_vae(run / "vae.keras")
+    layer = vae.model_prior()
+    for key in ("weights", "loc", "scale"):
+        np.testing.assert_allclose(learned[key], layer[key], rtol=1e-6, atol=1e-7)
+    assert np.std(learned["weights"]) > 0 and np.std(learned["scale"]) > 0  # trained, not the start
+    x = kdata.binarize_fixed(kdata.load("mnist-5k").x_val[:20], "dynamic")
+    loc, scale = (np.asarray(t) for t in vae.encode(x))
+    decode = lambda z: np.asarray(vae.decode(z))  # noqa: E731
+    # kvae.evaluate: eps from (seed, batch, chunk) = (0, 0, 0) for one batch and one chunk
+    eps = np.random.default_rng([0, 0, 0]).standard_normal((10, 20, 8))
+    want = scipy_nll(x, loc, scale, eps, decode, learned)
+    np.testing.assert_allclose(iwae_nll(vae, x, 10)["nll"], want, rtol=1e-5)
+    assert np.abs(scipy_nll(x, loc, scale, eps, decode, None) - want).mean() > 0.1  # the prior matters
+    # kvae.runtime: eps = Generator(seed).standard_normal((k, batch, latent_dim))
+    runtime = VAE.from_folder(run / "export")
+    assert runtime.decoder.model_prior == learned
+    eps = np.random.default_rng(0).standard_normal((10, 20, 8))
+    loc, scale = runtime.encoder.encode(x)
+    got = -runtime.log_likelihood(x, k=10, seed=0)
+    np.testing.assert_allclose(got, scipy_nll(x, loc, scale, eps, runtime.decoder.decode, learned), rtol=1e-5)
+    assert "learned prior" in contract.read_manifest(run / "export")["preprocessing"]
+
+
+def test_a_run_from_before_learned_priors_resumes_with_n01(tmp_path):
+    """A config.json without prior_mixture (written before it existed) resumes as it trained."""
+    from kvae.config import Config
+    from kvae.fit import parse_args, resolve_config
+
+    values = Config(prior_mixture=0, out=str(tmp_path)).resolved().to_dict()
+    values.pop("prior_mixture")
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert resolve_config(parse_args(["--out", str(tmp_path), "--resume"])).prior_mixture == 0
+    (tmp_path / "config.json").write_text(json.dumps(Config(out=str(tmp_path)).resolved().to_dict()))
+    assert resolve_config(parse_args(["--out", str(tmp_path), "--resume"])).prior_mixture == 256

@@ -21,7 +21,7 @@ def test_previous_defaults_differ_from_todays_only_where_named():
     changed = {k for k, v in previous.to_dict().items() if v != today.to_dict()[k]}
     assert changed == {"out"} | {k for k, v in quality.PREVIOUS.items() if getattr(today, k) != v}
     assert changed - {"out"}, "today's defaults are the previous ones: PREVIOUS names what changed"
-    assert previous.prior_components == 0  # the previous quickstart sampled from N(0, I)
+    assert previous.prior_components == previous.prior_mixture == 0  # the previous quickstart: N(0, I) only
 
 
 @pytest.mark.slow
