@@ -69,17 +69,17 @@ def main(variant: str | None = None) -> None:
     keras.utils.set_random_seed(config.seed)
     vae = build_vae(config, data.image_shape)
     steps = kdata.steps_per_epoch(len(data.x_train), config.batch_size)
-    lr = keras.optimizers.schedules.CosineDecay(config.lr, steps * config.epochs, alpha=0.1)
+    lr = keras.optimizers.schedules.CosineDecay(config.lr, steps * config.resolved_epochs, alpha=0.1)
     ema = {"use_ema": args.ema > 0, "ema_momentum": args.ema or 0.99}  # EMA weights at the end
     optimizer = (keras.optimizers.AdamW(lr, weight_decay=args.wd, **ema) if args.wd
                  else keras.optimizers.Adam(lr, **ema))
     vae.compile(optimizer=optimizer)
     train, steps = kdata.train_dataset(data.x_train, config.batch_size, config.resolved_binarize,
-                                       config.seed, 0, config.epochs)
+                                       config.seed, 0, config.resolved_epochs)
     if args.shift:
         train = train.map(lambda batch: shifted(batch, args.shift))
     start = time.perf_counter()
-    vae.fit(train, epochs=config.epochs, steps_per_epoch=steps, verbose=0,
+    vae.fit(train, epochs=config.resolved_epochs, steps_per_epoch=steps, verbose=0,
             callbacks=[KLWarmup.of(vae.posterior, config)])
     seconds = time.perf_counter() - start
     held_out = summarize(iwae_nll(vae, kdata.binarize_fixed(data.x_val, config.resolved_binarize), args.k))

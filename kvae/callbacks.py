@@ -32,7 +32,7 @@ class KLWarmup(keras.callbacks.Callback):
     def of(cls, posterior, config) -> "KLWarmup":
         """The run's warm-up: config's beta and ramp (resolved), the ramp ending by the last epoch
         even in runs shorter than it."""
-        return cls(posterior, config.resolved_beta, min(config.resolved_kl_warmup, config.epochs))
+        return cls(posterior, config.resolved_beta, min(config.resolved_kl_warmup, config.resolved_epochs))
 
     def on_epoch_begin(self, epoch, logs=None):
         weight = min(1.0, (epoch + 1) / self.epochs) if self.epochs else 1.0

@@ -118,7 +118,7 @@ def main(argv=None) -> None:
             try:
                 fit(config, resume=args.resume)
             except Interrupted as e:
-                raise e.with_message(interrupted(out, config.epochs)) from None
+                raise e.with_message(interrupted(out, config.resolved_epochs)) from None
 
 
 def interrupted(out: Path, epochs: int) -> str:

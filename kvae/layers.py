@@ -107,7 +107,8 @@ class Posterior(keras.layers.Layer):
         """P(z): the learned mixture, or N(0, I)."""
         if not self.components:
             return prior(latent_dim)
-        return mixture(self.prior_logits, self.prior_loc, self.prior_scale())
+        return mixture(ops.convert_to_tensor(self.prior_logits), ops.convert_to_tensor(self.prior_loc),
+                       self.prior_scale())
 
     def mixture_prior(self) -> dict | None:
         """The learned prior as kvae.prior's mixture (numpy: weights, loc, scale), or None for N(0, I)."""
