@@ -99,6 +99,8 @@ def test_mode_dependent_defaults_resolve():
     saved = Config(conditional=True).resolved()
     assert (saved.arch, saved.prior_components, saved.beta, saved.kl_warmup) == ("conv", 0, 1.25, 0)
     assert (Config().resolved().prior_mixture, Config().resolved().prior_components) == (256, 0)
+    assert [(c.epochs, c.kl_warmup) for c in (Config().resolved(), saved, Config(epochs=7).resolved())] == [
+        (80, 64), (100, 0), (7, 64)]
 
 
 @pytest.mark.parametrize("values,message", [

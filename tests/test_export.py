@@ -623,7 +623,8 @@ def test_iwae_nll_matches_the_evaluator(exported):
     theirs = evaluator_nll(vae, x, k=k, seed=3)["nll"]
     loc, scale = (np.asarray(t, np.float64) for t in run.encoder(x))
     eps = np.random.default_rng([3, 0, 0]).standard_normal((k, *loc.shape))
-    ours = iwae.nll(x, loc, scale, eps, lambda z: np.asarray(run.decoder(z)))
+    ours = iwae.nll(x, loc, scale, eps, lambda z: np.asarray(run.decoder(z)), prior=run.model_prior)
+    assert run.model_prior is not None  # the default run's learned P(z), in both estimates
     # paired: only float32 rounding and the probability clip differ (another eps: ~0.1 nats)
     assert abs(ours.mean() - theirs.mean()) < 0.01 and np.max(np.abs(ours - theirs)) < 0.05, \
         (ours.mean(), theirs.mean(), np.max(np.abs(ours - theirs)))

@@ -174,3 +174,4 @@ def test_learned_prior_trains_and_round_trips_through_keras_files(tmp_path):
     for key, value in vae.model_prior().items():
         np.testing.assert_array_equal(loaded.model_prior()[key], value)
     assert small().model_prior() is not None and small(prior_mixture=0).model_prior() is None
+

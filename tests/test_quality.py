@@ -19,7 +19,10 @@ def test_previous_defaults_differ_from_todays_only_where_named():
     previous = quality.previous_defaults(today)
     assert previous.out == "runs/x-previous" and previous.epochs == 3
     changed = {k for k, v in previous.to_dict().items() if v != today.to_dict()[k]}
-    assert changed == {"out"} | {k for k, v in quality.PREVIOUS.items() if getattr(today, k) != v}
+    given = {k for k in quality.SCHEDULE if getattr(today, k) is not None}  # --epochs 3: both train 3
+    assert changed == {"out"} | {k for k, v in quality.PREVIOUS.items() if getattr(today, k) != v} - given
+    assert (previous.epochs, previous.kl_warmup) == (3, 80)
+    assert (quality.previous_defaults(Config()).epochs, Config().resolved_epochs) == (100, 80)
     assert changed - {"out"}, "today's defaults are the previous ones: PREVIOUS names what changed"
     assert previous.prior_components == previous.prior_mixture == 0  # the previous quickstart: N(0, I) only
 
