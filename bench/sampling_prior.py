@@ -45,10 +45,14 @@ def main(argv: list[str] | None = None) -> None:
     from kvae.model import load_vae
 
     run = Path(args.run)
-    config = Config.from_json(run / "config.json")
+    config = Config.from_run(run / "config.json")
     vae = load_vae(run / "vae.keras")
     if vae.num_classes:
         sys.exit("bench/sampling_prior.py: error: a conditional run: use bench/conditional.py")
+    if vae.model_prior() is not None:
+        sys.exit("bench/sampling_prior.py: error: this run learned its prior (--prior-mixture); the "
+                 "fitted priors compared here are for a model with P(z) = N(0, I): train it with "
+                 "--prior-mixture 0")
     data = kdata.load(config.dataset, config.data_dir, config.val_size, image_size=config.image_size)
     codes = training_codes(vae, data, config)
     model, real, _ = digits.classifier("mnist-5k")

@@ -199,6 +199,18 @@ class Config:
             raise ConfigError(f"config file {path} must hold a JSON object")
         return cls.from_dict(values)
 
+    @classmethod
+    def from_run(cls, path: str | Path) -> "Config":
+        """A run folder's saved config.json (`path`: the file). A run saved before learned
+        priors has no prior_mixture: it trained with P(z) = N(0, I), so it reads as 0."""
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return cls.from_json(path)  # its one-line error
+        if isinstance(saved, dict) and "prior_mixture" not in saved:
+            return cls.from_dict({**saved, "prior_mixture": 0})
+        return cls.from_json(path)
+
 
 def _types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)

@@ -233,6 +233,10 @@ def load_run(run: str | Path) -> Run:
 
     fitted = read_prior(run, latent_dim)
     model_prior = kprior.model_prior(fitted)
+    if config.resolved_prior_mixture and model_prior is None:  # every NLL and check needs its P(z)
+        raise KVAEError(f"{run} learned its prior P(z) (--prior-mixture {config.resolved_prior_mixture}) "
+                        f"but {run / PRIOR} is missing or is not that prior: python -m kvae.fit --resume "
+                        f"--out {run} writes it again")
 
     def prior_sample(n):  # z ~ P(z): N(0, I), or the model's learned prior
         eps = rng.standard_normal((n, latent_dim)).astype(np.float32)

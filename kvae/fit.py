@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
@@ -57,9 +56,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         saved = out / "config.json"
         if not saved.exists():
             raise KVAEError(f"--resume: {out} holds no run (no config.json); start it without --resume")
-        base = Config.from_json(saved)
-        if "prior_mixture" not in json.loads(saved.read_text()):  # a run from before learned priors
-            base = dataclasses.replace(base, prior_mixture=0)
+        base = Config.from_run(saved)
         changed = [name for name, value in vars(args).items()
                    if name in base.to_dict() and value is not None and name not in RESUMABLE
                    and value != getattr(base, name)]

@@ -68,7 +68,7 @@ class Posterior(keras.layers.Layer):
         Autoregressive Flow", eq. 15): the loss takes max(free_bits, KL_j) for each latent
         dimension j, KL_j averaged over the batch, so a dimension's first `free_bits` nats cost
         nothing and the encoder is not pushed to switch dimensions off early. 0 = the plain KL.
-        The `kl` metric is always the true D[Q(z|X) || P(z)]. N(0, I) prior only.
+        The `kl` metric is always the true D[Q(z|X) || P(z)] (the plain KL). N(0, I) prior only.
     """
 
     def __init__(self, beta: float = 1.0, seed: int | None = None, free_bits: float = 0.0,

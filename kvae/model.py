@@ -10,7 +10,7 @@ Loss per batch = mean over X of [-log P(X|z) + beta * KL] = the negative ELBO wh
 Conditional (Doersch, section 4: `num_classes` > 0): the condition y, a one-hot float32
 (B, num_classes) class label, is a second input of both halves, Q(z|X, y) and P(X|z, y); it is
 concatenated after the encoder's convolutions, and at every decoder layer but the last (with z,
-then as constant feature maps: `build_decoder_net`). The prior stays N(0, I), and the Posterior
+then as constant feature maps: `build_decoder_net`). The prior stays N(0, I) by default, and the Posterior
 layer and its KL are unchanged.
 
 Written with `keras.ops`: the same model trains under KERAS_BACKEND=tensorflow or jax.

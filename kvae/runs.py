@@ -43,7 +43,7 @@ def read_config(run: str | Path):
     """RUN/config.json as a kvae.config.Config."""
     from kvae.config import Config
 
-    return Config.from_json(Path(run) / CONFIG)
+    return Config.from_run(Path(run) / CONFIG)
 
 
 def load_keras(path: str | Path, loader: Callable | None = None):

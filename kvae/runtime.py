@@ -278,7 +278,8 @@ class Decoder(_Half):
             raise RuntimeInputError(f"prior must be one of {', '.join(kprior.PRIORS)}, got {prior!r}")
         if prior == "fitted" and self._prior_entry is None:
             raise RuntimeInputError(f"{self.path} has no fitted prior (no prior.json in its manifest): "
-                                    "sample with prior='standard', or train with --prior-components")
+                                    "sample with prior='standard', or train with a learned prior (the default) "
+                                    "or --prior-mixture 0 --prior-components K")
         return kprior.draw(self.prior if prior == "fitted" else None, int(n), self.latent_dim,
                            generator(seed))
 

@@ -61,7 +61,7 @@ def test_conditional_defaults_resolve_beta_and_warmup():
     is kept, and the JSON round trip keeps the unset ones unset."""
     from kvae.config import CONDITIONAL_BETA
 
-    assert (Config().resolved_beta, Config().resolved_kl_warmup) == (1.0, 80)
+    assert (Config().resolved_beta, Config().resolved_kl_warmup) == (1.0, 64)
     conditional = Config(conditional=True)
     assert (conditional.resolved_beta, conditional.resolved_kl_warmup) == (CONDITIONAL_BETA, 0)
     given = Config(conditional=True, beta=1.0, kl_warmup=10)

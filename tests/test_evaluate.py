@@ -22,6 +22,9 @@ class LinearGaussian:
 
     likelihood, sigma = "gaussian", SIGMA
 
+    def model_prior(self):  # P(z) = N(0, I), as kvae.model.VAE.model_prior says
+        return None
+
     def __init__(self, inflate=1.3):
         self.W = np.array([[0.04, 0.0], [0.0, 0.03], [0.0, 0.0]], np.float64)  # (pixels=3, D=2)
         self.b = np.array([0.5, 0.5, 0.6])

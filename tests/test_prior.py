@@ -201,6 +201,11 @@ def test_broken_or_stale_prior_stops_the_export_in_one_line(trained_run, tmp_pat
     with pytest.raises(KVAEError, match="was fitted to another training of this run") as error:
         export.load_run(run)
     assert "--resume" in str(error.value) and "\n" not in str(error.value)
+    # a run that learned its prior needs it: without prior.json no NLL could use its P(z)
+    (run / contract.PRIOR).unlink()
+    with pytest.raises(KVAEError, match="learned its prior P.z. .--prior-mixture 256. but .* is missing") as error:
+        export.load_run(run)
+    assert "--resume" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_sample_cli_prior_flag(exported_run, tmp_path):
