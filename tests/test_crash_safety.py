@@ -134,11 +134,11 @@ def test_fit_killed_three_times_then_resumed_equals_an_uninterrupted_run(uninter
 
 @pytest.fixture
 def run_copy(trained_run, tmp_path) -> Path:
-    """A copy of the conv test run's config and Keras files (no export/)."""
+    """A copy of the conv test run's config, Keras files and learned prior (no export/)."""
     source = trained_run("conv")
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("config.json", "vae.keras", "encoder.keras", "decoder.keras"):
+    for name in ("config.json", "vae.keras", "encoder.keras", "decoder.keras", "prior.json"):
         shutil.copy(source / name, run / name)
     return run
 

@@ -36,8 +36,9 @@ def test_compare_trains_both_and_records_the_time_ratio(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "results" / "quality.json").read_text())
     previous, current = result["previous"], result
     assert previous["config"]["out"] == str(tmp_path / "q-previous")
-    for key, value in quality.PREVIOUS.items():
-        assert previous["config"][key] == value
+    for key, value in quality.PREVIOUS.items():  # --epochs 2 given: both sides train 2
+        assert previous["config"][key] == (2 if key == "epochs" else value), key
+    assert current["config"]["epochs"] == 2
     assert result["time_ratio"] == pytest.approx(current["train_seconds"] / previous["train_seconds"])
     for r in (previous, current):
         assert [p["epoch"] for p in r["curve"]] == [1, 2]
