@@ -189,27 +189,26 @@ class Config:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Config":
-        try:
-            values = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read config file {path}: {e}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(values)
+        return cls.from_dict(_read_object(path))
 
     @classmethod
     def from_run(cls, path: str | Path) -> "Config":
         """A run folder's saved config.json (`path`: the file). A run saved before learned
         priors has no prior_mixture: it trained with P(z) = N(0, I), so it reads as 0."""
-        try:
-            saved = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
-            return cls.from_json(path)  # its one-line error
-        if isinstance(saved, dict) and "prior_mixture" not in saved:
-            return cls.from_dict({**saved, "prior_mixture": 0})
-        return cls.from_json(path)
+        return cls.from_dict({"prior_mixture": 0, **_read_object(path)})
+
+
+def _read_object(path: str | Path) -> dict:
+    """The JSON object in a config file, or ConfigError in one line."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    return values
 
 
 def _types() -> dict[str, type]:
