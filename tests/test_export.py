@@ -23,6 +23,7 @@ import pytest
 
 from kvae import contract, export, export_checks, export_onnx, export_tflite, iwae
 from kvae.errors import KVAEError
+from reference import reference_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("conv", "mlp", "resnet")
@@ -135,35 +136,6 @@ def max_diff(out, ref):
         assert out[k].shape == ref[k].shape and out[k].dtype == np.float32, (k, out[k].shape, out[k].dtype)
         assert np.all(np.isfinite(out[k])), k
     return {k: float(np.max(np.abs(out[k] - ref[k]))) for k in ref}
-
-
-def reference_nll(x, loc, scale, eps, decode, likelihood="bernoulli", sigma=0.1, p_range=iwae.P_FLOAT32,
-                  prior=None):
-    """The tests' own importance-weighted -log P(X) per image (scipy's densities and logsumexp).
-
-    Same definition as kvae.iwae.nll (z = loc + scale * eps, Bernoulli probabilities clipped by
-    the file's p_range in the term that needs it), written independently: log Q is scored at z,
-    log P(z) under N(0, I) or under `prior`, the model's learned mixture (prior.json's dict).
-    """
-    from scipy.special import logsumexp
-    from scipy.stats import norm
-
-    k, n, d = eps.shape
-    loc, scale = np.float64(loc), np.float64(scale)
-    z = loc + scale * eps  # (k, N, D)
-    log_q = norm.logpdf(z, loc, scale).sum(-1)
-    if prior is None:
-        log_prior = norm.logpdf(z).sum(-1)
-    else:  # log sum_c w_c N(z; loc_c, scale_c^2 I), the components on a last axis
-        w, mu, sd = (np.float64(prior[key]) for key in ("weights", "loc", "scale"))
-        log_prior = logsumexp(np.log(w) + norm.logpdf(z[..., None, :], mu, sd).sum(-1), axis=-1)
-    mean = np.float64(decode(np.float32(z).reshape(k * n, d))).reshape(k, n, -1)
-    xr = np.float64(x).reshape(1, n, -1)
-    if likelihood == "bernoulli":
-        log_px = (xr * np.log(np.maximum(mean, p_range[0])) + (1 - xr) * np.log(1 - np.minimum(mean, p_range[1]))).sum(-1)
-    else:
-        log_px = norm.logpdf(xr, mean, sigma).sum(-1)
-    return -(logsumexp(log_px + log_prior - log_q, axis=0) - math.log(k))
 
 
 def model_prior(folder):

@@ -15,6 +15,7 @@ import pytest
 
 from kvae import contract
 from kvae import prior as kprior
+from reference import reference_nll
 
 FITTED = {"prior_mixture": 0}  # a model with P(z) = N(0, I) and a fitted sampling prior (100 components)
 
@@ -226,34 +227,10 @@ def test_sample_cli_prior_flag(exported_run, tmp_path):
 # ---------------------------------------------------------------- the learned prior (the default)
 
 
-def mixture_log_density(prior, z):
-    """log sum_c w_c N(z; loc_c, diag scale_c^2) by scipy, z (..., D): the tests' own."""
-    from scipy.special import logsumexp
-    from scipy.stats import norm
-
-    w, mu, sd = (np.float64(prior[key]) for key in ("weights", "loc", "scale"))
-    return logsumexp(np.log(w) + norm.logpdf(np.float64(z)[..., None, :], mu, sd).sum(-1), axis=-1)
-
-
-def scipy_nll(x, loc, scale, eps, decode, prior):
-    """IWAE -log P(X) (Bernoulli) with P(z) the mixture `prior`, or N(0, I) for None."""
-    from scipy.special import logsumexp
-    from scipy.stats import norm
-
-    k, n, d = eps.shape
-    z = np.float64(loc) + np.float64(scale) * eps
-    log_p = norm.logpdf(z).sum(-1) if prior is None else mixture_log_density(prior, z)
-    log_q = norm.logpdf(z, np.float64(loc), np.float64(scale)).sum(-1)
-    mean = np.float64(decode(np.float32(z).reshape(k * n, d))).reshape(k, n, -1)
-    xr = np.float64(x).reshape(1, n, -1)
-    log_px = (xr * np.log(mean) + (1 - xr) * np.log1p(-mean)).sum(-1)
-    return -(logsumexp(log_px + log_p - log_q, axis=0) - np.log(k))
-
-
 def test_learned_prior_is_the_p_z_of_every_nll(exported_run):
     """The default run learns P(z) (256 components): prior.json holds the trained layer's
     mixture, marked as the model's; kvae.evaluate's and kvae.runtime's NLLs both use it (each
-    equals this file's scipy estimate with the same eps, and not the N(0, I) one)."""
+    equals the tests' scipy estimate with the same eps, and not the N(0, I) one)."""
     from kvae import data as kdata
     from kvae.evaluate import iwae_nll
     from kvae.model import load_vae
@@ -273,16 +250,16 @@ def test_learned_prior_is_the_p_z_of_every_nll(exported_run):
     decode = lambda z: np.asarray(vae.decode(z))  # noqa: E731
     # kvae.evaluate: eps from (seed, batch, chunk) = (0, 0, 0) for one batch and one chunk
     eps = np.random.default_rng([0, 0, 0]).standard_normal((10, 20, 8))
-    want = scipy_nll(x, loc, scale, eps, decode, learned)
+    want = reference_nll(x, loc, scale, eps, decode, prior=learned)
     np.testing.assert_allclose(iwae_nll(vae, x, 10)["nll"], want, rtol=1e-5)
-    assert np.abs(scipy_nll(x, loc, scale, eps, decode, None) - want).mean() > 0.1  # the prior matters
+    assert np.abs(reference_nll(x, loc, scale, eps, decode) - want).mean() > 0.1  # the prior matters
     # kvae.runtime: eps = Generator(seed).standard_normal((k, batch, latent_dim))
     runtime = VAE.from_folder(run / "export")
     assert runtime.decoder.model_prior == learned
     eps = np.random.default_rng(0).standard_normal((10, 20, 8))
     loc, scale = runtime.encoder.encode(x)
     got = -runtime.log_likelihood(x, k=10, seed=0)
-    np.testing.assert_allclose(got, scipy_nll(x, loc, scale, eps, runtime.decoder.decode, learned), rtol=1e-5)
+    np.testing.assert_allclose(got, reference_nll(x, loc, scale, eps, runtime.decoder.decode, prior=learned), rtol=1e-5)
     assert "learned prior" in contract.read_manifest(run / "export")["preprocessing"]
 
 
